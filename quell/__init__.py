@@ -1,0 +1,1 @@
+"""quell: real-time speech enhancement."""

@@ -1,0 +1,195 @@
+"""DTLN: the Dual-signal Transformation LSTM Network (Westhausen & Meyer, Interspeech 2020).
+
+Stage 1 predicts a magnitude mask on the STFT of a 512-sample frame (the "norm" variant: the log magnitude is
+normalised by an instant layer norm); stage 2 encodes the resulting time frame with a learned basis, predicts
+a mask on it, decodes and overlap-adds. Frames have no analysis window, as in the original.
+
+The same module runs in two ways:
+- `forward(noisy)` for training: whole signals, time-aligned output, torch.fft for the DFT;
+- `stream(audio, states)` for export: a block of hops in, the same number of enhanced hops out, every buffer
+  and LSTM state explicit. Its output is the enhanced signal delayed by `window - hop` samples. With
+  `dft="matmul"` the DFT is a product with a fixed basis, which is cheaper than an FFT node per hop.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+
+
+@dataclass
+class DTLNConfig:
+    """Sizes of a DTLN; the defaults are the published model (about 1 M parameters)."""
+
+    sample_rate: int = 16000
+    window: int = 512
+    hop: int = 128
+    hidden: int = 128
+    layers: int = 2
+    encoder: int = 256
+    dropout: float = 0.25
+    eps: float = 1e-7
+
+    @property
+    def bins(self) -> int:
+        return self.window // 2 + 1
+
+
+class LSTMStack(nn.Module):
+    """Single-layer LSTMs in series (dropout between), so each layer's (h, c) is its own state tensor."""
+
+    def __init__(self, input_size: int, hidden: int, layers: int, dropout: float):
+        super().__init__()
+        sizes = [input_size] + [hidden] * (layers - 1)
+        self.layers = nn.ModuleList(nn.LSTM(size, hidden, batch_first=True) for size in sizes)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(
+        self, x: torch.Tensor, states: list[torch.Tensor] | None = None
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        new_states: list[torch.Tensor] = []
+        for i, lstm in enumerate(self.layers):
+            if i > 0:
+                x = self.dropout(x)
+            if states is None:
+                x, (h, c) = lstm(x)
+            else:
+                x, (h, c) = lstm(x, (states[2 * i], states[2 * i + 1]))
+            new_states += [h, c]
+        return x, new_states
+
+
+class DTLN(nn.Module):
+    """The two-stage DTLN noise suppressor."""
+
+    def __init__(self, config: DTLNConfig | None = None):
+        super().__init__()
+        cfg = self.config = config or DTLNConfig()
+        self.stft_norm = nn.LayerNorm(cfg.bins, eps=cfg.eps)
+        self.lstm1 = LSTMStack(cfg.bins, cfg.hidden, cfg.layers, cfg.dropout)
+        self.mask1 = nn.Linear(cfg.hidden, cfg.bins)
+        self.encoder = nn.Linear(cfg.window, cfg.encoder, bias=False)
+        self.encoder_norm = nn.LayerNorm(cfg.encoder, eps=cfg.eps)
+        self.lstm2 = LSTMStack(cfg.encoder, cfg.hidden, cfg.layers, cfg.dropout)
+        self.mask2 = nn.Linear(cfg.hidden, cfg.encoder)
+        self.decoder = nn.Linear(cfg.encoder, cfg.window, bias=False)
+        self.dft = "fft"
+        self._make_dft_basis()
+
+    def _make_dft_basis(self) -> None:
+        """Real DFT and its inverse as matrices: frame @ forward = [re | im]; [re | im] @ inverse = frame."""
+        n, bins = self.config.window, self.config.bins
+        t = torch.arange(n, dtype=torch.float64)
+        k = torch.arange(bins, dtype=torch.float64)
+        angle = 2 * torch.pi * t[:, None] * k[None, :] / n
+        forward = torch.cat([torch.cos(angle), -torch.sin(angle)], dim=1)
+        # irfft: x[t] = (1/n) * sum_k w_k (re_k cos - im_k sin), w = 1 for DC and Nyquist, else 2
+        weight = torch.full((bins,), 2.0, dtype=torch.float64)
+        weight[0] = weight[-1] = 1.0
+        inverse = torch.cat([weight[:, None] * torch.cos(angle.T), -weight[:, None] * torch.sin(angle.T)], dim=0) / n
+        self.register_buffer("dft_forward", forward.float(), persistent=False)
+        self.register_buffer("dft_inverse", inverse.float(), persistent=False)
+
+    # ---- the core: frames in, frames out ------------------------------------------------------------------
+    def _enhance_frames(
+        self, frames: torch.Tensor, states: list[torch.Tensor] | None = None
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Enhance [batch, n_frames, window] time frames; returns frames of the same shape and new LSTM states."""
+        cfg = self.config
+        s1 = None if states is None else states[: 2 * cfg.layers]
+        s2 = None if states is None else states[2 * cfg.layers :]
+        if self.dft == "fft":
+            spec = torch.fft.rfft(frames, dim=-1)
+            re, im = spec.real, spec.imag
+        else:
+            spec = frames @ self.dft_forward
+            re, im = spec[..., : cfg.bins], spec[..., cfg.bins :]
+        magnitude = torch.sqrt(re * re + im * im + cfg.eps * cfg.eps)
+        x, new1 = self.lstm1(self.stft_norm(torch.log(magnitude + cfg.eps)), s1)
+        mask = torch.sigmoid(self.mask1(x))
+        if self.dft == "fft":
+            frames = torch.fft.irfft(torch.complex(re * mask, im * mask), n=cfg.window, dim=-1)
+        else:
+            frames = torch.cat([re * mask, im * mask], dim=-1) @ self.dft_inverse
+        encoded = self.encoder(frames)
+        x, new2 = self.lstm2(self.encoder_norm(encoded), s2)
+        frames = self.decoder(encoded * torch.sigmoid(self.mask2(x)))
+        return frames, new1 + new2
+
+    # ---- training: whole signals ----------------------------------------------------------------------------
+    def forward(self, noisy: torch.Tensor) -> torch.Tensor:
+        """Enhance [batch, samples] signals; the output is time-aligned with the input and of the same length."""
+        cfg = self.config
+        length = noisy.shape[-1]
+        overlap = cfg.window - cfg.hop
+        tail = (-length) % cfg.hop
+        padded = nn.functional.pad(noisy, (overlap, overlap + tail))
+        frames, _ = self._enhance_frames(frame_signal(padded, cfg.window, cfg.hop))
+        out = overlap_add(frames, cfg.hop)
+        return out[..., overlap : overlap + length]
+
+    # ---- streaming: a block of hops with explicit states -------------------------------------------------------
+    def state_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Names and shapes (batch 1) of the streaming states, in the order `stream` takes and returns them."""
+        cfg = self.config
+        overlap = cfg.window - cfg.hop
+        shapes: dict[str, tuple[int, ...]] = {"input_buffer": (1, overlap), "output_buffer": (1, overlap)}
+        for stage in (1, 2):
+            for layer in range(cfg.layers):
+                shapes[f"lstm{stage}_{layer}_h"] = (1, 1, cfg.hidden)
+                shapes[f"lstm{stage}_{layer}_c"] = (1, 1, cfg.hidden)
+        return shapes
+
+    def initial_states(self) -> list[torch.Tensor]:
+        """Zero states for `stream`."""
+        return [torch.zeros(shape) for shape in self.state_shapes().values()]
+
+    def stream(
+        self, audio: torch.Tensor, states: list[torch.Tensor], single_hop: bool = False
+    ) -> tuple[torch.Tensor, ...]:
+        """Enhance [1, n_hops * hop] samples given the states; returns (enhanced hops, *new states).
+
+        The enhanced signal is delayed by `window - hop` samples: hop k of the output holds the samples that
+        were complete once input hop k had arrived. `single_hop` builds the step graph without framing ops.
+        """
+        cfg = self.config
+        input_buffer, output_buffer, *lstm_states = states
+        overlap = cfg.window - cfg.hop
+        signal = torch.cat([input_buffer, audio], dim=-1)
+        frames = signal.unsqueeze(1) if single_hop else frame_signal(signal, cfg.window, cfg.hop)
+        frames, new_lstm = self._enhance_frames(frames, lstm_states)
+        # [1, (n_hops + window / hop - 1) * hop]; one frame needs no overlap-add
+        summed = frames.reshape(1, cfg.window) if single_hop else overlap_add(frames, cfg.hop)
+        summed = summed + nn.functional.pad(output_buffer, (0, audio.shape[-1]))
+        enhanced, new_output_buffer = torch.split(summed, [audio.shape[-1], overlap], dim=-1)
+        new_input_buffer = signal[:, -overlap:]
+        return (enhanced, new_input_buffer, new_output_buffer, *new_lstm)
+
+
+def frame_signal(signal: torch.Tensor, window: int, hop: int) -> torch.Tensor:
+    """[batch, samples] (a multiple of hop) -> [batch, n_frames, window] frames, one every hop.
+
+    Built from hop-sized blocks rather than `unfold`, which the exporter would specialise to one length.
+    """
+    blocks = signal.reshape(signal.shape[0], -1, hop)
+    per_frame = window // hop
+    n_frames = blocks.shape[1] - per_frame + 1
+    return torch.cat([blocks[:, b : b + n_frames] for b in range(per_frame)], dim=-1)
+
+
+def overlap_add(frames: torch.Tensor, hop: int) -> torch.Tensor:
+    """Overlap-add [batch, n_frames, window] frames (window a multiple of hop) into [batch, samples]."""
+    batch, n_frames, window = frames.shape
+    blocks = window // hop
+    parts = frames.reshape(batch, n_frames, blocks, hop)
+    out = frames.new_zeros(batch, n_frames + blocks - 1, hop)
+    for b in range(blocks):
+        out = out + nn.functional.pad(parts[:, :, b], (0, 0, b, blocks - 1 - b))
+    return out.reshape(batch, -1)
+
+
+def config_dict(config: DTLNConfig) -> dict:
+    """The config as a plain dict (for checkpoints and model cards)."""
+    return asdict(config)

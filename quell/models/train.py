@@ -1,0 +1,297 @@
+"""One training loop for every model, driven by a recipe (YAML).
+
+    quell train recipes/dtln/config.yaml [--out runs/dtln] [--max-minutes 60]
+
+Data are endless synthesized mixtures (`quell.dns.synth`): item i of the run is `mixture(seed + i)`, so a run
+that stops resumes from its last checkpoint with the same data order. Every epoch ends with a validation on a
+fixed synthesized set (SI-SDR, PESQ-WB); the best checkpoint is kept, the learning rate halves when validation
+stalls, and training stops early when it stalls for long. `torchrun --nproc_per_node N -m quell.models.train`
+trains on several GPUs with DistributedDataParallel.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import yaml
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from quell.dns import metrics
+from quell.dns.corpora import load_corpus
+from quell.dns.synth import SynthConfig, Synthesizer
+from quell.models.dtln import DTLN, DTLNConfig
+from quell.models.losses import LOSSES
+
+log = logging.getLogger("quell.train")
+
+# name -> (model class, its config dataclass); adding a model adds a line here
+MODELS: dict[str, tuple[type[nn.Module], type]] = {"dtln": (DTLN, DTLNConfig)}
+
+
+@dataclass
+class TrainConfig:
+    """The `train:` section of a recipe."""
+
+    batch_size: int = 16
+    lr: float = 1e-3
+    steps_per_epoch: int = 500
+    max_epochs: int = 200
+    loss: str = "neg_snr"
+    grad_clip: float = 3.0
+    lr_patience: int = 3
+    lr_factor: float = 0.5
+    early_stop_patience: int = 10
+    seed: int = 1234
+    threads: int = 1
+    workers: int = 1
+    valid_clips: int = 64
+    valid_seed: int = 10_000_000
+    selection_metric: str = "pesq_wb"  # best checkpoint, LR schedule and early stop follow this validation score
+
+
+def build_model(recipe: dict[str, Any]) -> nn.Module:
+    """The model a recipe names, with its `model_args`."""
+    model_class, config_class = MODELS[recipe["model"]]
+    return model_class(config_class(**recipe.get("model_args", {})))
+
+
+def _dataclass_from(cls: type, values: dict[str, Any] | None) -> Any:
+    values = dict(values or {})
+    known = {f.name for f in fields(cls)}
+    unknown = set(values) - known
+    if unknown:
+        raise ValueError(f"unknown {cls.__name__} keys in recipe: {', '.join(sorted(unknown))}")
+    for f in fields(cls):  # YAML lists -> tuples for range fields
+        if isinstance(values.get(f.name), list):
+            values[f.name] = tuple(values[f.name])
+    return cls(**values)
+
+
+def build_synthesizer(section: dict[str, Any], base: Path, synth_config: SynthConfig) -> Synthesizer:
+    """A synthesizer from a recipe data section: `speech`, `noise`, `music`, `rir` folder lists."""
+
+    def corpus(key: str, min_seconds: float = 0.0):
+        folders = section.get(key)
+        if not folders:
+            return None
+        paths = [base / f for f in ([folders] if isinstance(folders, str) else folders)]
+        return load_corpus(paths, synth_config.sample_rate, name=key, min_seconds=min_seconds)
+
+    return Synthesizer(
+        synth_config,
+        speech=corpus("speech", min_seconds=1.0),
+        noise=corpus("noise"),
+        music=corpus("music"),
+        rirs=corpus("rir"),
+    )
+
+
+class MixtureDataset(Dataset):
+    """Item i is the synthesizer's mixture for seed `seed + i`: (noisy, clean) float32 tensors."""
+
+    def __init__(self, synth: Synthesizer, seed: int, length: int):
+        self.synth, self.seed, self.length = synth, seed, length
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        mix = self.synth.mixture(self.seed + index)
+        return torch.from_numpy(mix.noisy), torch.from_numpy(mix.clean)
+
+
+class _RangeSampler(torch.utils.data.Sampler):
+    """Indices start, start+stride, ...: resumes the data order at any step, and shards it across ranks."""
+
+    def __init__(self, start: int, stop: int, stride: int = 1):
+        self.start, self.stop, self.stride = start, stop, stride
+
+    def __iter__(self):
+        return iter(range(self.start, self.stop, self.stride))
+
+    def __len__(self) -> int:
+        return len(range(self.start, self.stop, self.stride))
+
+
+def validate(model: nn.Module, clips: list[tuple[np.ndarray, np.ndarray]], device: torch.device) -> dict[str, float]:
+    """Mean SI-SDR, SI-SDR improvement and PESQ-WB of the model on fixed (noisy, clean) clips."""
+    model.eval()
+    scores: dict[str, list[float]] = {"si_sdr": [], "si_sdr_i": [], "pesq_wb": []}
+    with torch.no_grad():
+        noisy = torch.from_numpy(np.stack([n for n, _ in clips])).to(device)
+        enhanced = torch.cat([model(batch) for batch in noisy.split(16)]).cpu().numpy()
+    for (noisy_clip, clean), out in zip(clips, enhanced, strict=True):
+        sdr = float(metrics.si_sdr(out, clean))
+        scores["si_sdr"].append(sdr)
+        scores["si_sdr_i"].append(sdr - float(metrics.si_sdr(noisy_clip, clean)))
+        scores["pesq_wb"].append(metrics.pesq(out, clean, 16000, "wb"))
+    model.train()
+    return {k: float(np.nanmean(v)) for k, v in scores.items()}
+
+
+class CsvLog:
+    """Appends rows to a CSV (header on first write); mirrors them to TensorBoard when it is installed."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tensorboard = SummaryWriter(str(path.parent / "tensorboard"))
+        except ImportError:
+            self.tensorboard = None
+
+    def write(self, row: dict[str, Any]) -> None:
+        new = not self.path.exists()
+        with self.path.open("a", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(row))
+            if new:
+                writer.writeheader()
+            writer.writerow(row)
+        if self.tensorboard is not None:
+            for key, value in row.items():
+                if key not in ("epoch", "step") and isinstance(value, int | float):
+                    self.tensorboard.add_scalar(key, value, row["step"])
+
+
+def _save(path: Path, state: dict[str, Any]) -> None:
+    tmp = path.with_suffix(".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def train(recipe_path: str | Path, out_dir: str | Path, max_minutes: float | None = None) -> Path:
+    """Train (or resume) the model of a recipe; returns the path of the best checkpoint."""
+    recipe_path = Path(recipe_path)
+    recipe = yaml.safe_load(recipe_path.read_text())
+    base = recipe_path.parent
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    cfg = _dataclass_from(TrainConfig, recipe.get("train"))
+    synth_config = _dataclass_from(SynthConfig, recipe.get("synth"))
+
+    distributed = "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1
+    rank, world = 0, 1
+    if distributed:
+        torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu")
+    torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+
+    model = build_model(recipe).to(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
+        optimizer, mode="max", factor=cfg.lr_factor, patience=cfg.lr_patience
+    )
+    state = {"step": 0, "epoch": 0, "best": -math.inf, "stale_epochs": 0}
+    last, best = out / "last.pt", out / "best.pt"
+    if last.exists():
+        checkpoint = torch.load(last, map_location=device, weights_only=False)
+        model.load_state_dict(checkpoint["model"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        scheduler.load_state_dict(checkpoint["scheduler"])
+        state = checkpoint["state"]
+        log.info("resumed from %s at step %d", last, state["step"])
+    wrapped = nn.parallel.DistributedDataParallel(model) if distributed else model
+
+    train_synth = build_synthesizer(recipe["data"], base, synth_config)
+    valid_synth = build_synthesizer(recipe["valid"], base, synth_config)
+    valid_clips = [
+        (m.noisy, m.clean) for m in (valid_synth.mixture(cfg.valid_seed + i) for i in range(cfg.valid_clips))
+    ]
+    total_items = cfg.max_epochs * cfg.steps_per_epoch * cfg.batch_size
+    dataset = MixtureDataset(train_synth, cfg.seed, total_items)
+    loss_fn = LOSSES[cfg.loss]
+    csv_log = CsvLog(out / "log.csv") if rank == 0 else None
+    started = time.monotonic()
+
+    while state["epoch"] < cfg.max_epochs and state["stale_epochs"] < cfg.early_stop_patience:
+        epoch_end = (state["epoch"] + 1) * cfg.steps_per_epoch
+        sampler = _RangeSampler(state["step"] * cfg.batch_size + rank, epoch_end * cfg.batch_size, world)
+        loader = DataLoader(
+            dataset, batch_size=cfg.batch_size // world, sampler=sampler, num_workers=cfg.workers,
+            persistent_workers=False, prefetch_factor=4 if cfg.workers else None,
+        )
+        losses: list[float] = []
+        progress = _progress(total=epoch_end - state["step"], desc=f"epoch {state['epoch'] + 1}", enabled=rank == 0)
+        tick = time.monotonic()
+        for noisy, clean in loader:
+            noisy, clean = noisy.to(device), clean.to(device)
+            loss = loss_fn(wrapped(noisy), clean)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            optimizer.step()
+            state["step"] += 1
+            losses.append(loss.item())
+            audio_seconds = noisy.shape[0] * noisy.shape[1] / synth_config.sample_rate * world
+            speed = audio_seconds / max(time.monotonic() - tick, 1e-9)
+            tick = time.monotonic()
+            progress.set_postfix(loss=f"{loss.item():.2f}", speed=f"{speed:.0f}x")
+            progress.update()
+            if max_minutes is not None and time.monotonic() - started > max_minutes * 60:
+                break
+        progress.close()
+        if state["step"] < epoch_end:  # stopped by the time limit: keep the step, resume mid-epoch
+            if rank == 0:
+                _save(last, _checkpoint(model, optimizer, scheduler, state, recipe))
+            break
+        state["epoch"] += 1
+        if rank == 0:
+            scores = validate(model, valid_clips, device)
+            score = scores[cfg.selection_metric]
+            improved = score > state["best"]
+            if improved:
+                state["best"], state["stale_epochs"] = score, 0
+            else:
+                state["stale_epochs"] += 1
+            scheduler.step(score)
+            row = {"epoch": state["epoch"], "step": state["step"], "train_loss": float(np.mean(losses)),
+                   **scores, "lr": optimizer.param_groups[0]["lr"], "minutes": (time.monotonic() - started) / 60}
+            csv_log.write(row)
+            log.info("epoch %d: %s", state["epoch"], ", ".join(f"{k}={v:.3f}" for k, v in row.items()))
+            checkpoint = _checkpoint(model, optimizer, scheduler, state, recipe)
+            if improved:
+                _save(best, checkpoint)
+            _save(last, checkpoint)
+    if distributed:
+        torch.distributed.destroy_process_group()
+    return best if best.exists() else last
+
+
+def _checkpoint(model, optimizer, scheduler, state, recipe) -> dict[str, Any]:
+    return {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+            "state": dict(state), "recipe": recipe}
+
+
+def _progress(total: int, desc: str, enabled: bool):
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, disable=not enabled, dynamic_ncols=True, mininterval=5)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point for `python -m quell.models.train` (and torchrun)."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("recipe")
+    parser.add_argument("--out", default=None)
+    parser.add_argument("--max-minutes", type=float, default=None)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    train(args.recipe, args.out or Path("runs") / Path(args.recipe).parent.name, args.max_minutes)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,84 @@
+"""`quell bench`: what a model costs on this machine, on one thread.
+
+- step graph: per-hop latency of `StreamingModel.step` (p50, p99, max) over many hops;
+- streaming: real-time factor of `Denoiser.process` on 10 ms chunks at the model rate;
+- sequence graph: real-time factor of `StreamingModel.process` over a long signal;
+- model load time and the process's peak resident memory.
+"""
+
+from __future__ import annotations
+
+import resource
+import time
+from pathlib import Path
+
+import numpy as np
+
+from quell.streaming.card import ModelCard
+from quell.streaming.catalog import find_model
+from quell.streaming.denoiser import Denoiser
+from quell.streaming.engine import StreamingModel
+
+
+def _test_signal(seconds: float, rate: int) -> np.ndarray:
+    """A voiced-like tone in noise: the cost of these models does not depend on the signal."""
+    rng = np.random.default_rng(0)
+    t = np.arange(int(seconds * rate)) / rate
+    voiced = 0.2 * np.sin(2 * np.pi * 150 * t) * (0.5 + 0.5 * np.sin(2 * np.pi * 4 * t))
+    return (voiced + 0.03 * rng.standard_normal(t.size)).astype(np.float32)
+
+
+def benchmark(model: str | Path | ModelCard = "dtln", hops: int = 10000, seconds: float = 60.0) -> dict:
+    """Measure the model; returns a dict of results (times in milliseconds, factors in x real time)."""
+    card = find_model(model)
+    started = time.perf_counter()
+    engine = StreamingModel(card, threads=1)
+    load_ms = (time.perf_counter() - started) * 1e3
+    hop = card.hop
+    signal = _test_signal(max(seconds, hops * hop / card.sample_rate), card.sample_rate)
+    for i in range(200):  # warm-up
+        engine.step(signal[i * hop : (i + 1) * hop])
+    times = np.empty(hops)
+    for i in range(hops):
+        chunk = signal[i * hop : (i + 1) * hop]
+        t0 = time.perf_counter()
+        engine.step(chunk)
+        times[i] = time.perf_counter() - t0
+    times *= 1e3
+    hop_ms = hop / card.sample_rate * 1e3
+
+    audio = signal[: int(seconds * card.sample_rate) // hop * hop]
+    denoiser = Denoiser(card, sample_rate=card.sample_rate)
+    chunk = card.sample_rate // 100  # 10 ms, what VoIP stacks hand over
+    t0 = time.perf_counter()
+    for start in range(0, audio.size, chunk):
+        denoiser.process(audio[start : start + chunk])
+    streaming_rtf = audio.size / card.sample_rate / (time.perf_counter() - t0)
+
+    results = {
+        "model": card.name, "sample_rate": card.sample_rate, "hop_ms": hop_ms, "hops_timed": hops,
+        "step_p50_ms": float(np.percentile(times, 50)), "step_p99_ms": float(np.percentile(times, 99)),
+        "step_max_ms": float(times.max()), "step_mean_ms": float(times.mean()),
+        "streaming_rtf": streaming_rtf, "load_ms": load_ms, "signal_seconds": audio.size / card.sample_rate,
+    }
+    if card.sequence_graph:
+        engine.reset()
+        t0 = time.perf_counter()
+        engine.process(audio)
+        results["sequence_rtf"] = audio.size / card.sample_rate / (time.perf_counter() - t0)
+    results["peak_memory_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return results
+
+
+def format_report(r: dict) -> str:
+    """The benchmark as a short human-readable report."""
+    lines = [
+        f"model {r['model']} ({r['sample_rate']} Hz, hop {r['hop_ms']:.1f} ms), one thread",
+        f"step graph   p50 {r['step_p50_ms']:.4f} ms  p99 {r['step_p99_ms']:.4f} ms  max {r['step_max_ms']:.3f} ms"
+        f"  per hop over {r['hops_timed']} hops ({r['hop_ms'] / r['step_p50_ms']:.0f}x real time at p50)",
+        f"streaming    {r['streaming_rtf']:.0f}x real time (Denoiser.process, 10 ms chunks)",
+    ]
+    if "sequence_rtf" in r:
+        lines.append(f"sequence     {r['sequence_rtf']:.0f}x real time ({r['signal_seconds']:.0f} s signal)")
+    lines.append(f"load {r['load_ms']:.0f} ms, peak memory {r['peak_memory_mb']:.0f} MB")
+    return "\n".join(lines)

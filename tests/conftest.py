@@ -1,0 +1,23 @@
+"""Shared fixtures: small models built by the tests themselves (nothing is downloaded)."""
+
+from __future__ import annotations
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def tiny_dtln(tmp_path_factory):
+    """A small randomly initialised DTLN and its exported card (step + sequence graphs)."""
+    torch = pytest.importorskip("torch")
+    from quell.export.exporter import export_model
+    from quell.models.dtln import DTLN, DTLNConfig
+
+    torch.manual_seed(0)
+    model = DTLN(DTLNConfig(hidden=32, encoder=64)).eval()
+    card = export_model(model, tmp_path_factory.mktemp("tiny") / "tiny.onnx")
+    return model, card.path
+
+
+@pytest.fixture(scope="session")
+def tiny_dtln_card(tiny_dtln):
+    return tiny_dtln[1]

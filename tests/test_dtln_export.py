@@ -1,0 +1,78 @@
+"""DTLN: PyTorch offline == PyTorch streaming == ONNX step graph hop by hop == ONNX sequence graph."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from quell.export.exporter import check_parity, export_model  # noqa: E402
+from quell.models.dtln import DTLN, DTLNConfig  # noqa: E402
+from quell.streaming.card import ModelCard  # noqa: E402
+from quell.streaming.engine import StreamingModel  # noqa: E402
+
+
+def _noisy(n: int, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    t = np.arange(n) / 16000
+    return (0.3 * np.sin(2 * np.pi * 200 * t) + 0.05 * rng.standard_normal(n)).astype(np.float32)
+
+
+def test_published_size_is_about_one_million_parameters():
+    assert 0.9e6 < sum(p.numel() for p in DTLN().parameters()) < 1.1e6
+
+
+@pytest.mark.parametrize("dft", ["fft", "matmul"])
+def test_torch_streaming_equals_offline(dft):
+    torch.manual_seed(0)
+    model = DTLN(DTLNConfig(hidden=32, encoder=64)).eval()
+    model.dft = dft
+    x = torch.from_numpy(_noisy(128 * 40))[None]
+    with torch.no_grad():
+        offline = model(x)
+        states, hops = model.initial_states(), []
+        for k in range(40):
+            out, *states = model.stream(x[:, k * 128 : (k + 1) * 128], states, single_hop=True)
+            hops.append(out)
+        block, *_ = model.stream(x, model.initial_states())
+    stream = torch.cat(hops, -1)
+    torch.testing.assert_close(stream[:, 384:], offline[:, :-384], atol=1e-5, rtol=0)
+    torch.testing.assert_close(block, stream, atol=1e-5, rtol=0)
+
+
+def test_onnx_step_and_sequence_graphs_equal_pytorch(tmp_path):
+    torch.manual_seed(1)
+    model = DTLN().eval()  # the published size
+    card = export_model(model, tmp_path / "dtln.onnx")
+    assert check_parity(model, card.path, tolerance=1e-4) <= 1e-4
+
+    x = _noisy(128 * 50, seed=3)
+    with torch.no_grad():
+        offline = model(torch.from_numpy(x)[None])[0].numpy()
+    engine = StreamingModel(card.path)
+    step = np.concatenate([engine.step(x[i : i + 128]).copy() for i in range(0, x.size, 128)])
+    engine.reset()
+    sequence = np.concatenate([engine.process(x[: 128 * 20]), engine.process(x[128 * 20 :])])  # carried states
+    assert np.abs(step[384:] - offline[:-384]).max() <= 1e-4
+    assert np.abs(sequence - step).max() <= 1e-5
+
+
+def test_card_describes_the_graphs(tiny_dtln_card):
+    card = ModelCard.load(tiny_dtln_card)
+    assert (card.sample_rate, card.hop, card.window, card.delay) == (16000, 128, 512, 384)
+    assert card.algorithmic_latency == pytest.approx(0.032)
+    assert card.graph_path("step").is_file() and card.graph_path("sequence").is_file()
+    names = {s.name for s in card.states}
+    assert {"input_buffer", "output_buffer", "lstm1_0_h", "lstm2_1_c"} <= names
+    assert card.parameters == sum(p.numel() for p in DTLN(DTLNConfig(hidden=32, encoder=64)).parameters())
+
+
+def test_a_parity_failure_is_detected(tmp_path):
+    torch.manual_seed(2)
+    model = DTLN(DTLNConfig(hidden=32, encoder=64)).eval()
+    card = export_model(model, tmp_path / "m.onnx")
+    with torch.no_grad():
+        model.mask2.bias += 0.5  # the PyTorch model no longer matches its export
+    with pytest.raises(AssertionError, match="differs from PyTorch"):
+        check_parity(model, card.path)
