@@ -110,10 +110,9 @@ class DTLN(nn.Module):
         x, new1 = self.lstm1(self.stft_norm(torch.log(magnitude + cfg.eps)), s1)
         mask = torch.sigmoid(self.mask1(x))
         if self.dft == "fft":
-            frames = torch.fft.irfft(torch.complex(re * mask, im * mask), n=cfg.window, dim=-1)
-        else:
-            frames = torch.cat([re * mask, im * mask], dim=-1) @ self.dft_inverse
-        encoded = self.encoder(frames)
+            encoded = self.encoder(torch.fft.irfft(torch.complex(re * mask, im * mask), n=cfg.window, dim=-1))
+        else:  # inverse DFT and encoder are both linear: one product, a constant once exported
+            encoded = torch.cat([re * mask, im * mask], dim=-1) @ (self.dft_inverse @ self.encoder.weight.T)
         x, new2 = self.lstm2(self.encoder_norm(encoded), s2)
         frames = self.decoder(encoded * torch.sigmoid(self.mask2(x)))
         return frames, new1 + new2

@@ -1,0 +1,106 @@
+"""`quell ...`: parse, call the API, print. Errors are one line on stderr and a non-zero exit."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+from quell.streaming.files import FileError, enhance_files, plan_outputs
+
+
+class _Group(click.Group):
+    """Turns expected errors (bad input) into one line and exit status 2, never a traceback."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except (FileError, ValueError, OSError) as error:
+            click.echo(f"error: {error}", err=True)
+            sys.exit(2)
+
+
+@click.group(cls=_Group)
+@click.version_option(package_name="quell")
+def main() -> None:
+    """quell: real-time speech enhancement (noise suppression, echo cancellation)."""
+
+
+@main.command()
+@click.argument("inputs", nargs=-1, required=True)
+@click.option("-o", "--output", required=True, help="Output file (for one input file) or folder.")
+@click.option("-m", "--model", default="dtln", show_default=True, help="Shipped model name or a .json card.")
+@click.option("-j", "--jobs", default=1, show_default=True, type=click.IntRange(1, 256), help="Worker processes.")
+@click.option("--overwrite", is_flag=True, help="Replace outputs that exist (inputs are never overwritten).")
+@click.option("--subtype", default=None, help="Output sample format, e.g. PCM_16, PCM_24, FLOAT (default: keep).")
+@click.option("--format", "suffix", type=click.Choice(["wav", "flac", "ogg"]), default=None,
+              help="Output format for folders (default: keep each file's).")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def denoise(inputs, output, model, jobs, overwrite, subtype, suffix, quiet) -> None:
+    """Enhance audio files and folders (recursive; the tree is mirrored under OUTPUT)."""
+    from quell.streaming.catalog import find_model
+
+    find_model(model)  # an unknown model fails here, once, not once per file
+    pairs = plan_outputs(list(inputs), output, f".{suffix}" if suffix else None)
+    summary = enhance_files(pairs, model=model, jobs=jobs, overwrite=overwrite, subtype=subtype,
+                            progress=not quiet, report=lambda line: click.echo(line, err=True))
+    click.echo(summary.line())
+    if summary.count("failed"):
+        sys.exit(1)
+
+
+@main.command()
+def models() -> None:
+    """List the shipped models."""
+    from quell.streaming.catalog import list_models
+
+    for card in list_models():
+        click.echo(f"{card.name:12s} {card.task:8s} {card.sample_rate} Hz, hop {card.hop}, "
+                   f"latency {card.algorithmic_latency * 1000:.0f} ms, {card.parameters:,} parameters")
+
+
+@main.command()
+@click.argument("checkpoint", type=click.Path(exists=True, dir_okay=False))
+@click.option("-o", "--output", required=True, help="Step graph path (.onnx); the sequence graph and card go beside.")
+@click.option("--name", default=None, help="Model name in the card (default: the file name).")
+def export(checkpoint, output, name) -> None:
+    """Export a training checkpoint to ONNX step + sequence graphs and a model card (parity-checked)."""
+    from quell.export.exporter import export_checkpoint
+
+    card = export_checkpoint(checkpoint, output, name)
+    click.echo(f"wrote {Path(output)}, {card.sequence_graph} and {Path(output).with_suffix('.json').name}")
+
+
+@main.command()
+@click.argument("recipe", type=click.Path(exists=True, dir_okay=False))
+@click.option("--out", default=None, help="Run folder (checkpoints, log); default runs/<recipe folder>.")
+@click.option("--max-minutes", type=float, default=None, help="Stop (resumably) after this long.")
+def train(recipe, out, max_minutes) -> None:
+    """Train (or resume) the model of a recipe."""
+    import logging
+
+    from quell.models.train import train as run_training
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    best = run_training(recipe, out or Path("runs") / Path(recipe).parent.name, max_minutes)
+    click.echo(f"best checkpoint: {best}")
+
+
+@main.command()
+@click.option("-m", "--model", default="dtln", show_default=True, help="Shipped model name or a .json card.")
+@click.option("--hops", default=10000, show_default=True, type=click.IntRange(100), help="Hops to time.")
+@click.option("--seconds", default=60.0, show_default=True, help="Length of the generated test signal.")
+@click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
+def bench(model, hops, seconds, as_json) -> None:
+    """Time the model: per-hop cost, real-time factors, load time, peak memory (one thread)."""
+    import json
+
+    from quell.streaming.bench import benchmark, format_report
+
+    results = benchmark(model, hops=hops, seconds=seconds)
+    click.echo(json.dumps(results, indent=2) if as_json else format_report(results))
+
+
+if __name__ == "__main__":
+    main()

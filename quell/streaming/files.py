@@ -1,0 +1,271 @@
+"""Offline enhancement of files and folders: chunked (memory does not grow with length), atomic, parallel.
+
+Each file is read in blocks, resampled to the model rate with soxr (streaming, high quality), run through the
+model's sequence graph with carried states, trimmed of the model's delay so the output is time-aligned with
+the input, resampled back and written to a temporary file that is renamed into place only when complete.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import soundfile as sf
+import soxr
+
+from quell.streaming.card import ModelCard
+from quell.streaming.catalog import find_model
+from quell.streaming.engine import StreamingModel, make_session
+
+AUDIO_SUFFIXES = {".wav", ".flac", ".ogg"}
+_FORMATS = {".wav": "WAV", ".flac": "FLAC", ".ogg": "OGG"}
+_BLOCK_SECONDS = 20.0
+
+
+class FileError(Exception):
+    """A file that cannot be processed; the message is one line for the user."""
+
+
+@dataclass
+class FileResult:
+    """What happened to one file: status is "done", "skipped" or "failed"."""
+
+    src: Path
+    dst: Path
+    status: str
+    seconds: float = 0.0  # audio duration
+    message: str = ""
+
+
+@dataclass
+class BatchSummary:
+    """Totals of a batch run."""
+
+    results: list[FileResult] = field(default_factory=list)
+    wall_seconds: float = 0.0
+
+    def count(self, status: str) -> int:
+        return sum(r.status == status for r in self.results)
+
+    @property
+    def audio_seconds(self) -> float:
+        return sum(r.seconds for r in self.results if r.status == "done")
+
+    @property
+    def realtime_factor(self) -> float:
+        """Seconds of audio enhanced per second of wall time."""
+        return self.audio_seconds / self.wall_seconds if self.wall_seconds > 0 else 0.0
+
+    def line(self) -> str:
+        return (f"{self.count('done')} enhanced, {self.count('skipped')} skipped, {self.count('failed')} failed; "
+                f"{self.audio_seconds / 3600:.3f} h of audio in {self.wall_seconds:.1f} s "
+                f"({self.realtime_factor:.0f}x real time)")
+
+
+class FileEnhancer:
+    """Enhances files with one model; sessions are loaded once and reused for every file and channel."""
+
+    def __init__(self, model: str | Path | ModelCard = "dtln", threads: int = 1):
+        self.card = find_model(model)
+        self.sessions = {"step": make_session(self.card.graph_path("step"), threads)}
+        if self.card.sequence_graph:
+            self.sessions["sequence"] = make_session(self.card.graph_path("sequence"), threads)
+
+    def enhance(self, src: str | Path, dst: str | Path, overwrite: bool = False, subtype: str | None = None) -> float:
+        """Enhance `src` into `dst` (format from its suffix); returns the audio duration in seconds.
+
+        Raises FileError with a one-line reason; never leaves a partial `dst` and never writes over `src`.
+        """
+        src, dst = Path(src), Path(dst)
+        info = _audio_info(src)
+        if dst.exists() and dst.samefile(src):
+            raise FileError(f"{src}: output would overwrite the input")
+        if dst.exists() and not overwrite:
+            raise FileError(f"{dst}: exists (use --overwrite to replace it)")
+        out_format = _FORMATS.get(dst.suffix.lower())
+        if out_format is None:
+            raise FileError(f"{dst}: unsupported output format (use .wav, .flac or .ogg)")
+        out_subtype = subtype or (info.subtype if sf.check_format(out_format, info.subtype) else None)
+        if out_subtype is not None and not sf.check_format(out_format, out_subtype):
+            raise FileError(f"{dst}: subtype {out_subtype} cannot be written as {out_format}")
+        tmp = dst.with_name(f".{dst.name}.{os.getpid()}.part")
+        try:
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            tmp.touch()  # fails with the system's reason, where libsndfile would only say "System error"
+            writer = sf.SoundFile(tmp, "w", info.samplerate, info.channels, out_subtype, format=out_format)
+        except FileExistsError as error:  # mkdir found a file where the folder should be
+            raise FileError(f"{dst}: cannot write ({error.filename} is not a folder)") from error
+        except (OSError, sf.LibsndfileError) as error:
+            if tmp.is_file():
+                tmp.unlink()
+            raise FileError(f"{dst}: cannot write ({_reason(error)})") from error
+        try:
+            with writer:
+                self._run(src, info, writer)
+            os.replace(tmp, dst)
+        except (OSError, sf.LibsndfileError) as error:  # a corrupt stream mid-file, a full disk: this file fails
+            tmp.unlink(missing_ok=True)
+            raise FileError(f"{src}: failed ({_reason(error)})") from error
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        return info.frames / info.samplerate
+
+    def _run(self, src: Path, info: sf._SoundFileInfo, writer: sf.SoundFile) -> None:
+        card, channels = self.card, info.channels
+        rate, model_rate, hop = info.samplerate, card.sample_rate, card.hop
+        models = [StreamingModel(card, sessions=self.sessions) for _ in range(channels)]
+        to_model = soxr.ResampleStream(rate, model_rate, channels, dtype="float32", quality="HQ")
+        from_model = soxr.ResampleStream(model_rate, rate, channels, dtype="float32", quality="HQ")
+        pending = np.zeros((0, channels), np.float32)  # model-rate samples short of a hop
+        to_trim = card.delay  # the stream lags by `delay`: drop that much so output aligns with input
+        written = 0
+        clip = not writer.subtype.startswith(("FLOAT", "DOUBLE", "VORBIS"))
+
+        def emit(model_rate_samples: np.ndarray, last: bool) -> None:
+            nonlocal written
+            out = from_model.resample_chunk(model_rate_samples, last=last)
+            out = out[: max(info.frames - written, 0)]
+            if last and written + len(out) < info.frames:  # resampler rounding: pad the last few samples
+                out = np.concatenate([out, np.zeros((info.frames - written - len(out), channels), np.float32)])
+            writer.write(np.clip(out, -1.0, 1.0) if clip else out)
+            written += len(out)
+
+        def enhance(samples: np.ndarray) -> np.ndarray:
+            nonlocal pending, to_trim
+            samples = np.concatenate([pending, samples])
+            usable = len(samples) - len(samples) % hop
+            pending = samples[usable:]
+            out = np.stack([m.process(np.ascontiguousarray(samples[:usable, c])) for c, m in enumerate(models)], 1)
+            trimmed = min(to_trim, len(out))
+            to_trim -= trimmed
+            return out[trimmed:]
+
+        with sf.SoundFile(src) as reader:
+            for block in reader.blocks(int(_BLOCK_SECONDS * rate), dtype="float32", always_2d=True):
+                if not np.isfinite(block).all():
+                    raise FileError(f"{src}: contains NaN or Inf samples")
+                emit(enhance(to_model.resample_chunk(block)), last=False)
+        tail = to_model.resample_chunk(np.zeros((0, channels), np.float32), last=True)
+        flush = np.zeros((card.delay + hop, channels), np.float32)  # push the delayed end out of the model
+        emit(enhance(np.concatenate([tail, flush])), last=True)
+
+
+def _audio_info(src: Path) -> sf._SoundFileInfo:
+    if not src.exists():
+        raise FileError(f"{src}: no such file")
+    if not src.is_file():
+        raise FileError(f"{src}: not a file")
+    try:
+        info = sf.info(src)
+    except (sf.LibsndfileError, RuntimeError, OSError) as error:
+        raise FileError(f"{src}: not a readable audio file ({_reason(error)})") from error
+    if info.frames == 0:
+        raise FileError(f"{src}: empty (no samples)")
+    return info
+
+
+def _reason(error: BaseException) -> str:
+    if isinstance(error, OSError) and error.strerror:
+        return error.strerror
+    return str(error).splitlines()[0] if str(error) else type(error).__name__
+
+
+# ---- batches: files and folders, several workers -----------------------------------------------------------------
+
+def plan_outputs(inputs: list[str | Path], output: str | Path, suffix: str | None = None) -> list[tuple[Path, Path]]:
+    """(source, destination) pairs: folders recursively, their tree mirrored under `output`.
+
+    One input file with an output that has an audio suffix is a file-to-file job; otherwise `output` is a
+    folder; files already under `output` (when it lies inside an input folder) are earlier outputs, not
+    inputs. Raises FileError for a missing input, a folder without audio, an output that would overwrite an
+    input, or two inputs that would be written to the same output.
+    """
+    output = Path(output)
+    single_file = len(inputs) == 1 and Path(inputs[0]).is_file() and output.suffix.lower() in AUDIO_SUFFIXES
+    if single_file:
+        return _refuse_clashes([(Path(inputs[0]), output)])
+    pairs: list[tuple[Path, Path]] = []
+    for item in map(Path, inputs):
+        if item.is_dir():
+            own = output.resolve() if item.resolve() in output.resolve().parents else None
+            files = sorted(p for p in item.rglob("*") if p.is_file() and p.suffix.lower() in AUDIO_SUFFIXES
+                           and own not in p.resolve().parents)
+            if not files:
+                raise FileError(f"{item}: no audio files (.wav, .flac, .ogg) in this folder")
+            pairs += [(f, output / f.relative_to(item)) for f in files]
+        elif item.exists():
+            pairs.append((item, output / item.name))
+        else:
+            raise FileError(f"{item}: no such file or folder")
+    if suffix:
+        pairs = [(src, dst.with_suffix(suffix)) for src, dst in pairs]
+    return _refuse_clashes(pairs)
+
+
+def _refuse_clashes(pairs: list[tuple[Path, Path]]) -> list[tuple[Path, Path]]:
+    """The pairs without repeats; FileError if an output is an input or two inputs share an output."""
+    sources = {src.resolve() for src, _ in pairs}
+    planned: dict[Path, tuple[Path, Path]] = {}
+    for src, dst in pairs:
+        if dst.resolve() in sources:
+            raise FileError(f"{dst}: output would overwrite an input")
+        first = planned.setdefault(dst.resolve(), (src, dst))[0]
+        if first.resolve() != src.resolve():
+            raise FileError(f"{dst}: both {first} and {src} would be written there")
+    return list(planned.values())  # an input given twice is done once
+
+
+_worker: FileEnhancer | None = None
+
+
+def _init_worker(model: str, threads: int) -> None:
+    global _worker
+    _worker = FileEnhancer(model, threads)
+
+
+def _enhance_one(src: Path, dst: Path, overwrite: bool, subtype: str | None) -> FileResult:
+    assert _worker is not None
+    if dst.exists() and not overwrite and dst.resolve() != src.resolve():
+        return FileResult(src, dst, "skipped", message=f"{dst}: exists, skipped")
+    try:
+        return FileResult(src, dst, "done", _worker.enhance(src, dst, overwrite, subtype))
+    except FileError as error:
+        return FileResult(src, dst, "failed", message=str(error))
+
+
+def enhance_files(
+    pairs: list[tuple[Path, Path]], model: str | Path = "dtln", jobs: int = 1, overwrite: bool = False,
+    subtype: str | None = None, progress: bool = True, report=print,
+) -> BatchSummary:
+    """Enhance every (src, dst) pair with `jobs` worker processes; failures are reported and the rest go on."""
+    from tqdm import tqdm
+
+    started = time.monotonic()
+    summary = BatchSummary()
+    bar = tqdm(total=len(pairs), unit="file", disable=not progress, dynamic_ncols=True)
+    if jobs <= 1:
+        _init_worker(str(model), 1)
+        results = (_enhance_one(src, dst, overwrite, subtype) for src, dst in pairs)
+        executor = None
+    else:
+        executor = ProcessPoolExecutor(jobs, initializer=_init_worker, initargs=(str(model), 1))
+        results = executor.map(_enhance_one, *zip(*pairs, strict=True), [overwrite] * len(pairs),
+                               [subtype] * len(pairs))
+    try:
+        for result in results:
+            summary.results.append(result)
+            if result.message:
+                with bar.external_write_mode():  # clear the bar (stdout or stderr) while the line is written
+                    report(("error: " if result.status == "failed" else "") + result.message)
+            bar.update()
+    finally:
+        bar.close()
+        if executor is not None:
+            executor.shutdown(cancel_futures=True)
+    summary.wall_seconds = time.monotonic() - started
+    return summary
