@@ -46,7 +46,7 @@ _SILENCE_RMS = 1e-4  # -80 dBFS: below this a speech or noise segment is treated
 _MAX_REDRAWS = 8
 _RIR_PRE_PEAK_SAMPLES = 2  # kept before the direct-path peak: the main lobe of a fractional-delay pulse
 _RIR_FLOOR = 1e-4  # -80 dB re the direct path: RIR samples after the last one above this are dropped
-_RIR_BANK_SEED = 20_240_611
+_RIR_BANK_SEED = 20_240_611  # bank 0 (training); bank k uses this seed + k
 _RIR_BANK_VERSION = 1  # bump when simulate_rir changes, so that cached banks are rebuilt
 _MAX_IMAGE_ORDER = 60  # ~0.1 s per RIR; higher orders only add late tail far below the direct path
 _MIN_ROOM_M = np.array([3.0, 3.0, 2.5])
@@ -71,6 +71,7 @@ class SynthConfig:
     bandlimit_prob: float = 0.15  # low-pass at 4-7 kHz and/or high-pass at 50-300 Hz
     clip_guard: float = 0.99  # largest peak allowed in any written signal
     n_sim_rirs: int = 200  # size of the simulated RIR bank
+    rir_bank: int = 0  # which simulated bank: training uses 0, validation sets another, so no room is shared
 
     def __post_init__(self) -> None:
         for name in ("snr_db", "level_dbfs", "t60"):
@@ -343,7 +344,7 @@ def simulate_rir(rng: np.random.Generator, sample_rate: int, t60: float) -> np.n
 
 
 def load_rir_bank(
-    sample_rate: int, t60: tuple[float, float], n_rirs: int, cache_dir: str | Path | None = None
+    sample_rate: int, t60: tuple[float, float], n_rirs: int, cache_dir: str | Path | None = None, bank: int = 0
 ) -> list[np.ndarray]:
     """`n_rirs` simulated RIRs (T60 uniform in `t60`), simulated once from a fixed seed and cached as .npz.
 
@@ -352,7 +353,7 @@ def load_rir_bank(
     """
     recipe = {
         "version": _RIR_BANK_VERSION,
-        "seed": _RIR_BANK_SEED,
+        "seed": _RIR_BANK_SEED + bank,
         "sample_rate": sample_rate,
         "t60": list(t60),
         "n_rirs": n_rirs,
@@ -367,7 +368,7 @@ def load_rir_bank(
             return np.split(bank["samples"], np.cumsum(bank["lengths"])[:-1])
 
     logger.info("simulating %d room impulse responses into %s (once)", n_rirs, path)
-    rng = np.random.default_rng(_RIR_BANK_SEED)
+    rng = np.random.default_rng(_RIR_BANK_SEED + bank)
     t60s = rng.uniform(t60[0], t60[1], n_rirs)
     rirs = [simulate_rir(rng, sample_rate, float(room_t60)) for room_t60 in t60s]
     cache.mkdir(parents=True, exist_ok=True)
@@ -479,7 +480,7 @@ class Synthesizer:
             self.real_rooms.append((rir, path, estimate_t60(rir, rate)))
         self.simulated_rooms: list[tuple[np.ndarray, str, float]] = []
         if config.reverb_prob > 0 and config.n_sim_rirs > 0:
-            bank = load_rir_bank(rate, config.t60, config.n_sim_rirs, cache_dir)
+            bank = load_rir_bank(rate, config.t60, config.n_sim_rirs, cache_dir, config.rir_bank)
             self.simulated_rooms = [(rir, f"bank:{i}", estimate_t60(rir, rate)) for i, rir in enumerate(bank)]
 
     def mixture(self, seed: int) -> Mixture:

@@ -17,7 +17,7 @@ import logging
 import math
 import os
 import time
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -207,7 +207,9 @@ def train(recipe_path: str | Path, out_dir: str | Path, max_minutes: float | Non
     wrapped = nn.parallel.DistributedDataParallel(model) if distributed else model
 
     train_synth = build_synthesizer(recipe["data"], base, synth_config)
-    valid_synth = build_synthesizer(recipe["valid"], base, synth_config)
+    # validation rooms come from another simulated bank than training rooms
+    valid_config = replace(synth_config, rir_bank=synth_config.rir_bank + 1)
+    valid_synth = build_synthesizer(recipe["valid"], base, valid_config)
     valid_clips = [
         (m.noisy, m.clean) for m in (valid_synth.mixture(cfg.valid_seed + i) for i in range(cfg.valid_clips))
     ]
