@@ -203,6 +203,7 @@ def train(recipe_path: str | Path, out_dir: str | Path, max_minutes: float | Non
         optimizer.load_state_dict(checkpoint["optimizer"])
         scheduler.load_state_dict(checkpoint["scheduler"])
         state = checkpoint["state"]
+        torch.set_rng_state(checkpoint["rng"])  # dropout continues as if never interrupted
         log.info("resumed from %s at step %d", last, state["step"])
     wrapped = nn.parallel.DistributedDataParallel(model) if distributed else model
 
@@ -241,7 +242,7 @@ def train(recipe_path: str | Path, out_dir: str | Path, max_minutes: float | Non
             audio_seconds = noisy.shape[0] * noisy.shape[1] / synth_config.sample_rate * world
             speed = audio_seconds / max(time.monotonic() - tick, 1e-9)
             tick = time.monotonic()
-            progress.set_postfix(loss=f"{loss.item():.2f}", speed=f"{speed:.0f}x")
+            progress.set_postfix(loss=f"{loss.item():.2f}", speed=f"{speed:.0f}x", refresh=False)
             progress.update()
             if max_minutes is not None and time.monotonic() - started > max_minutes * 60:
                 break
@@ -275,7 +276,7 @@ def train(recipe_path: str | Path, out_dir: str | Path, max_minutes: float | Non
 
 def _checkpoint(model, optimizer, scheduler, state, recipe) -> dict[str, Any]:
     return {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-            "state": dict(state), "recipe": recipe}
+            "state": dict(state), "recipe": recipe, "rng": torch.get_rng_state()}
 
 
 def _progress(total: int, desc: str, enabled: bool):

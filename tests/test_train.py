@@ -1,0 +1,79 @@
+"""Training: a short run on tiny generated data, checkpoints and logs, and an exact resume."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import soundfile as sf
+import yaml
+
+torch = pytest.importorskip("torch")
+
+from quell.export.exporter import export_checkpoint  # noqa: E402
+from quell.models.train import train  # noqa: E402
+
+RATE = 16000
+
+
+def _write_corpus(folder, n, seed, kind):
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(seed)
+    t = np.arange(int(2.5 * RATE)) / RATE
+    for i in range(n):
+        if kind == "speech":
+            f0 = rng.uniform(100, 220)
+            x = sum(np.sin(2 * np.pi * k * f0 * t) / k for k in range(1, 12)) * np.clip(np.sin(2 * np.pi * 3 * t), 0, 1)
+        else:
+            x = rng.standard_normal(t.size)
+        sf.write(folder / f"{kind}_{i}.wav", (0.1 * x / np.abs(x).max()).astype(np.float32), RATE)
+
+
+@pytest.fixture()
+def recipe(tmp_path):
+    _write_corpus(tmp_path / "speech", 4, 0, "speech")
+    _write_corpus(tmp_path / "noise", 3, 1, "noise")
+    _write_corpus(tmp_path / "valid_speech", 2, 2, "speech")
+    data = {
+        "model": "dtln",
+        "model_args": {"hidden": 16, "encoder": 32},
+        "data": {"speech": ["speech"], "noise": ["noise"]},
+        "valid": {"speech": ["valid_speech"], "noise": ["noise"]},
+        "synth": {"segment_seconds": 1.0, "reverb_prob": 0.0},
+        "train": {"batch_size": 2, "steps_per_epoch": 2, "max_epochs": 1, "workers": 0, "valid_clips": 2},
+    }
+
+    def write(max_epochs: int):
+        data["train"]["max_epochs"] = max_epochs
+        path = tmp_path / "recipe.yaml"
+        path.write_text(yaml.safe_dump(data))
+        return path
+
+    return write
+
+
+def test_two_steps_write_checkpoints_and_a_log(recipe, tmp_path):
+    best = train(recipe(1), tmp_path / "run")
+    assert best.name == "best.pt" and (tmp_path / "run" / "last.pt").is_file()
+    log = (tmp_path / "run" / "log.csv").read_text().splitlines()
+    assert log[0].startswith("epoch,step,train_loss,si_sdr,si_sdr_i,pesq_wb")
+    assert len(log) == 2 and log[1].startswith("1,2,")
+    card = export_checkpoint(best, tmp_path / "model.onnx")
+    assert card.training["steps"] == 2 and card.parameters > 0
+
+
+def test_resume_continues_exactly_where_it_stopped(recipe, tmp_path):
+    train(recipe(2), tmp_path / "straight")
+    train(recipe(1), tmp_path / "resumed")
+    train(recipe(2), tmp_path / "resumed")  # picks up last.pt at step 2
+    straight = torch.load(tmp_path / "straight" / "last.pt", weights_only=False)
+    resumed = torch.load(tmp_path / "resumed" / "last.pt", weights_only=False)
+    assert straight["state"]["step"] == resumed["state"]["step"] == 4
+    for name, weight in straight["model"].items():
+        torch.testing.assert_close(resumed["model"][name], weight, rtol=0, atol=1e-6)
+
+
+def test_unusable_corpus_files_are_reported_and_skipped(recipe, tmp_path, caplog):
+    (tmp_path / "speech" / "broken.wav").write_text("not audio")
+    sf.write(tmp_path / "speech" / "short.wav", np.zeros(100, np.float32) + 0.1, RATE)
+    train(recipe(1), tmp_path / "run")
+    assert "skipped" in caplog.text.lower() and "broken.wav" in caplog.text
