@@ -203,7 +203,8 @@ def train(recipe_path: str | Path, out_dir: str | Path, max_minutes: float | Non
         optimizer.load_state_dict(checkpoint["optimizer"])
         scheduler.load_state_dict(checkpoint["scheduler"])
         state = checkpoint["state"]
-        torch.set_rng_state(checkpoint["rng"])  # dropout continues as if never interrupted
+        if "rng" in checkpoint:  # dropout continues as if never interrupted
+            torch.set_rng_state(checkpoint["rng"])
         log.info("resumed from %s at step %d", last, state["step"])
     wrapped = nn.parallel.DistributedDataParallel(model) if distributed else model
 
