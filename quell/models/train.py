@@ -245,7 +245,8 @@ def train(recipe_path: str | Path, out_dir: str | Path, max_minutes: float | Non
             tick = time.monotonic()
             progress.set_postfix(loss=f"{loss.item():.2f}", speed=f"{speed:.0f}x", refresh=False)
             progress.update()
-            if max_minutes is not None and time.monotonic() - started > max_minutes * 60:
+            out_of_time = max_minutes is not None and time.monotonic() - started > max_minutes * 60
+            if _all_agree(out_of_time, distributed):
                 break
         progress.close()
         if state["step"] < epoch_end:  # stopped by the time limit: keep the step, resume mid-epoch
@@ -253,15 +254,19 @@ def train(recipe_path: str | Path, out_dir: str | Path, max_minutes: float | Non
                 _save(last, _checkpoint(model, optimizer, scheduler, state, recipe))
             break
         state["epoch"] += 1
+        scores = validate(model, valid_clips, device) if rank == 0 else None
+        if distributed:  # every rank takes the same LR and stopping decisions
+            shared = [scores]
+            torch.distributed.broadcast_object_list(shared, src=0)
+            scores = shared[0]
+        score = scores[cfg.selection_metric]
+        improved = score > state["best"]
+        if improved:
+            state["best"], state["stale_epochs"] = score, 0
+        else:
+            state["stale_epochs"] += 1
+        scheduler.step(score)
         if rank == 0:
-            scores = validate(model, valid_clips, device)
-            score = scores[cfg.selection_metric]
-            improved = score > state["best"]
-            if improved:
-                state["best"], state["stale_epochs"] = score, 0
-            else:
-                state["stale_epochs"] += 1
-            scheduler.step(score)
             row = {"epoch": state["epoch"], "step": state["step"], "train_loss": float(np.mean(losses)),
                    **scores, "lr": optimizer.param_groups[0]["lr"], "minutes": (time.monotonic() - started) / 60}
             csv_log.write(row)
@@ -273,6 +278,15 @@ def train(recipe_path: str | Path, out_dir: str | Path, max_minutes: float | Non
     if distributed:
         torch.distributed.destroy_process_group()
     return best if best.exists() else last
+
+
+def _all_agree(flag: bool, distributed: bool) -> bool:
+    """True on every rank when it is true on any (ranks must leave the loop together)."""
+    if not distributed:
+        return flag
+    value = torch.tensor([float(flag)])
+    torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MAX)
+    return bool(value.item())
 
 
 def _checkpoint(model, optimizer, scheduler, state, recipe) -> dict[str, Any]:

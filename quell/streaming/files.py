@@ -115,44 +115,81 @@ class FileEnhancer:
             raise
         return info.frames / info.samplerate
 
+    def stream(self, sample_rate: int, channels: int, frames: int) -> AlignedStream:
+        """A fresh stream for one signal of `frames` samples x `channels` at `sample_rate` (files and arrays)."""
+        return AlignedStream(self.card, self.sessions, sample_rate, channels, frames)
+
     def _run(self, src: Path, info: sf._SoundFileInfo, writer: sf.SoundFile) -> None:
-        card, channels = self.card, info.channels
-        rate, model_rate, hop = info.samplerate, card.sample_rate, card.hop
-        models = [StreamingModel(card, sessions=self.sessions) for _ in range(channels)]
-        to_model = soxr.ResampleStream(rate, model_rate, channels, dtype="float32", quality="HQ")
-        from_model = soxr.ResampleStream(model_rate, rate, channels, dtype="float32", quality="HQ")
-        pending = np.zeros((0, channels), np.float32)  # model-rate samples short of a hop
-        to_trim = card.delay  # the stream lags by `delay`: drop that much so output aligns with input
-        written = 0
+        stream = self.stream(info.samplerate, info.channels, info.frames)
         clip = not writer.subtype.startswith(("FLOAT", "DOUBLE", "VORBIS"))
 
-        def emit(model_rate_samples: np.ndarray, last: bool) -> None:
-            nonlocal written
-            out = from_model.resample_chunk(model_rate_samples, last=last)
-            out = out[: max(info.frames - written, 0)]
-            if last and written + len(out) < info.frames:  # resampler rounding: pad the last few samples
-                out = np.concatenate([out, np.zeros((info.frames - written - len(out), channels), np.float32)])
+        def write(out: np.ndarray) -> None:
             writer.write(np.clip(out, -1.0, 1.0) if clip else out)
-            written += len(out)
-
-        def enhance(samples: np.ndarray) -> np.ndarray:
-            nonlocal pending, to_trim
-            samples = np.concatenate([pending, samples])
-            usable = len(samples) - len(samples) % hop
-            pending = samples[usable:]
-            out = np.stack([m.process(np.ascontiguousarray(samples[:usable, c])) for c, m in enumerate(models)], 1)
-            trimmed = min(to_trim, len(out))
-            to_trim -= trimmed
-            return out[trimmed:]
 
         with sf.SoundFile(src) as reader:
-            for block in reader.blocks(int(_BLOCK_SECONDS * rate), dtype="float32", always_2d=True):
+            for block in reader.blocks(int(_BLOCK_SECONDS * info.samplerate), dtype="float32", always_2d=True):
                 if not np.isfinite(block).all():
                     raise FileError(f"{src}: contains NaN or Inf samples")
-                emit(enhance(to_model.resample_chunk(block)), last=False)
-        tail = to_model.resample_chunk(np.zeros((0, channels), np.float32), last=True)
-        flush = np.zeros((card.delay + hop, channels), np.float32)  # push the delayed end out of the model
-        emit(enhance(np.concatenate([tail, flush])), last=True)
+                write(stream.push(block))
+        write(stream.finish())
+
+
+class AlignedStream:
+    """One signal through a model, block by block, time-aligned with its input and at its rate.
+
+    Blocks are resampled to the model rate (soxr, streaming), run through the sequence graph with carried
+    states (one StreamingModel per channel), the model's `delay` is dropped from the start and flushed out at
+    the end, and the result is resampled back: `push` blocks, then `finish`, and the concatenated outputs have
+    exactly `frames` samples. `model_seconds` and `resample_seconds` add up the time spent in each, so a caller
+    can state the real-time factor of the model alone.
+    """
+
+    def __init__(self, card: ModelCard, sessions: dict, sample_rate: int, channels: int, frames: int):
+        self.card, self.channels, self.frames = card, channels, frames
+        self.models = [StreamingModel(card, sessions=sessions) for _ in range(channels)]
+        self.to_model = soxr.ResampleStream(sample_rate, card.sample_rate, channels, dtype="float32", quality="HQ")
+        self.from_model = soxr.ResampleStream(card.sample_rate, sample_rate, channels, dtype="float32", quality="HQ")
+        self.pending = np.zeros((0, channels), np.float32)  # model-rate samples short of a hop
+        self.to_trim = card.delay  # the stream lags by `delay`: drop that much so output aligns with input
+        self.written = 0
+        self.model_seconds = self.resample_seconds = 0.0
+
+    def push(self, block: np.ndarray) -> np.ndarray:
+        """Enhance the next block (samples x channels, float32); returns the output that is ready."""
+        started = time.perf_counter()
+        resampled = self.to_model.resample_chunk(block)
+        self.resample_seconds += time.perf_counter() - started
+        return self._emit(self._enhance(resampled), last=False)
+
+    def finish(self) -> np.ndarray:
+        """The rest of the output: the resampler's tail and the model's delayed end."""
+        started = time.perf_counter()
+        tail = self.to_model.resample_chunk(np.zeros((0, self.channels), np.float32), last=True)
+        self.resample_seconds += time.perf_counter() - started
+        flush = np.zeros((self.card.delay + self.card.hop, self.channels), np.float32)  # push the delayed end out
+        return self._emit(self._enhance(np.concatenate([tail, flush])), last=True)
+
+    def _enhance(self, samples: np.ndarray) -> np.ndarray:
+        hop = self.card.hop
+        samples = np.concatenate([self.pending, samples])
+        usable = len(samples) - len(samples) % hop
+        self.pending = samples[usable:]
+        started = time.perf_counter()
+        out = np.stack([m.process(np.ascontiguousarray(samples[:usable, c])) for c, m in enumerate(self.models)], 1)
+        self.model_seconds += time.perf_counter() - started
+        trimmed = min(self.to_trim, len(out))
+        self.to_trim -= trimmed
+        return out[trimmed:]
+
+    def _emit(self, model_rate_samples: np.ndarray, last: bool) -> np.ndarray:
+        started = time.perf_counter()
+        out = self.from_model.resample_chunk(model_rate_samples, last=last)
+        self.resample_seconds += time.perf_counter() - started
+        out = out[: max(self.frames - self.written, 0)]
+        if last and self.written + len(out) < self.frames:  # resampler rounding: pad the last few samples
+            out = np.concatenate([out, np.zeros((self.frames - self.written - len(out), self.channels), np.float32)])
+        self.written += len(out)
+        return out
 
 
 def _audio_info(src: Path) -> sf._SoundFileInfo:
