@@ -156,6 +156,18 @@ def test_mixture_has_requested_snr_and_level(corpora, colouring):
         assert bool(mixture.params["mic_eq"]) == bool(colouring)
 
 
+def test_mic_colouration_reaches_the_target_too(corpora):
+    """Without reverb the target is exactly the speech as the coloured mic hears it (noisy minus noise)."""
+    config = SynthConfig(segment_seconds=1.0, **{**QUIET, "mic_eq_prob": 1.0, "bandlimit_prob": 1.0})
+    mixture = Synthesizer(config, corpora["speech"], corpora["noise"]).mixture(3)
+    np.testing.assert_allclose(mixture.noisy - mixture.noise, mixture.clean, atol=1e-5)
+    uncoloured = Synthesizer(SynthConfig(segment_seconds=1.0, **QUIET), corpora["speech"]).mixture(3)
+    def shape(x: np.ndarray) -> np.ndarray:
+        return x / np.abs(x).max()
+
+    assert np.abs(shape(uncoloured.clean) - shape(mixture.clean)).max() > 0.01  # the same speech, coloured
+
+
 def test_loud_mixture_is_scaled_under_the_clip_guard(corpora):
     config = SynthConfig(segment_seconds=1.0, level_dbfs=(-3.0, -3.0), **QUIET)
     mixture = Synthesizer(config, corpora["speech"], corpora["noise"]).mixture(0)

@@ -8,7 +8,8 @@ One call, `Synthesizer.mixture(seed)`, makes one training example from in-memory
    convolved with only the direct path and the first `early_ms` of reflections (it sounds natural, and
    a model can reach it: removing early reflections would mean inventing a dry voice);
 3. 1..`max_noise_layers` noise layers: recordings, music, or noise generated in code (`generate_noise`);
-4. optionally a microphone colouration (random EQ, band limit) applied to everything the mic hears;
+4. optionally a microphone colouration (random EQ, band limit) applied to everything the mic hears, and
+   to the target;
 5. the noise scaled to the drawn SNR against the speech as heard, the sum scaled to the drawn level,
    and a clipping guard.
 
@@ -411,7 +412,7 @@ def _mic_filter(config: SynthConfig, rng: np.random.Generator) -> tuple[np.ndarr
     """A random mic colouration as sos sections for zero-phase filtering, and its description.
 
     The filters are applied forwards and backwards (zero phase) so that the coloured mic signal stays
-    sample-aligned with the uncoloured target; each EQ section is designed with half the drawn gain,
+    sample-aligned with the rest; each EQ section is designed with half the drawn gain,
     because zero-phase filtering applies its magnitude twice.
     """
     sample_rate, sections, eq_bands = config.sample_rate, [], []
@@ -493,14 +494,15 @@ class Synthesizer:
         target, heard = self._reverberate(speech, rng, params)
         noise = self._noise(rng, params)
 
-        # The colouration of a cheap or odd microphone is applied to everything the mic picks up (speech
-        # as heard and noise) before mixing, so the mixture sounds like a coloured mic; the target stays
-        # uncoloured, so the model learns to undo mild mic colouration as well as the noise.
+        # The colouration of a cheap or odd microphone (EQ, band limits) is applied to everything the mic
+        # picks up and to the target alike: the model learns to be indifferent to it and to keep the
+        # speaker's voice as their mic captures it. (Asking it to undo a low-pass would be bandwidth
+        # extension, which a noise suppressor cannot do and should not try.)
         mic_sos, mic_params = _mic_filter(config, rng)
         params.update(mic_params)
         if mic_sos is not None:
-            coloured = scipy.signal.sosfiltfilt(mic_sos, np.stack([heard, noise]), axis=-1)
-            heard, noise = coloured.astype(np.float32)
+            coloured = scipy.signal.sosfiltfilt(mic_sos, np.stack([heard, noise, target]), axis=-1)
+            heard, noise, target = coloured.astype(np.float32)
 
         snr_db, level_dbfs = rng.uniform(*config.snr_db), rng.uniform(*config.level_dbfs)
         noise = noise * np.float32(_rms(heard) / max(_rms(noise), 1e-12) / _db_to_gain(snr_db))
