@@ -129,6 +129,44 @@ def synth(output, clips, speech, noise, music, rir, dns_root, seed, snr, level, 
     click.echo(f"wrote {clips} clips to {out} (noisy/, clean/, noise/, metadata.csv)")
 
 
+@main.command("eval")
+@click.option("--noisy", required=True, help="Folder of noisy clips (a metadata.csv of `quell synth` adds conditions).")
+@click.option("--clean", default=None, help="Folder of clean references, same names (without: DNSMOS only).")
+@click.option("--enhanced", default=None, help="Folder of enhanced outputs to score, same names.")
+@click.option("-m", "--model", default=None, help="Or a model to run: shipped name or a .json card.")
+@click.option("--baselines", default="noisy", show_default=True,
+              help="Peers to run, comma-separated: noisy, rnnoise, webrtc, speex, deepfilternet ('' for none).")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Report folder.")
+@click.option("--limit", default=None, type=click.IntRange(1), help="Only the first N clips (by name).")
+@click.option("-j", "--jobs", default=1, show_default=True, type=click.IntRange(1, 256), help="Worker processes.")
+@click.option("--no-dnsmos", is_flag=True, help="Skip DNSMOS (its slowest metric).")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def evaluate(noisy, clean, enhanced, model, baselines, out, limit, jobs, no_dnsmos, quiet) -> None:
+    """Objective scores (PESQ, STOI, SI-SDR, DNSMOS) of enhanced speech, with the open peers side by side."""
+    from tqdm import tqdm
+
+    from quell.dns.evaluate import evaluate as run_evaluation
+
+    names = [name.strip() for name in baselines.split(",") if name.strip()]
+    bars = []  # made once scoring starts, so that an error before is one line alone
+
+    def progress(done: int, total: int) -> None:
+        if not bars:
+            bars.append(tqdm(total=total, unit="file", disable=quiet, dynamic_ncols=True))
+        bars[0].update(done - bars[0].n)
+
+    try:
+        evaluation = run_evaluation(noisy, clean, enhanced, model, names, limit, jobs, not no_dnsmos, progress)
+    finally:
+        for bar in bars:
+            bar.close()
+    written = evaluation.write(out)
+    for line in evaluation.warnings:
+        click.echo(f"warning: {line}", err=True)
+    click.echo(f"wrote {', '.join(path.name for path in written)} to {out}")
+    click.echo(evaluation.markdown())
+
+
 @main.command()
 @click.option("-m", "--model", default="dtln", show_default=True, help="Shipped model name or a .json card.")
 @click.option("--hops", default=10000, show_default=True, type=click.IntRange(100), help="Hops to time.")

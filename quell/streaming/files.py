@@ -3,6 +3,7 @@
 Each file is read in blocks, resampled to the model rate with soxr (streaming, high quality), run through the
 model's sequence graph with carried states, trimmed of the model's delay so the output is time-aligned with
 the input, resampled back and written to a temporary file that is renamed into place only when complete.
+`AlignedStream` is that path without the files, for in-memory signals (evaluation).
 """
 
 from __future__ import annotations
