@@ -104,3 +104,25 @@ def test_resampler_is_accurate_and_chunk_invariant(rates):
     expected = _tones(len(whole) / rate_out, rate_out, start=resampler.delay)
     settled = slice(int(0.05 * rate_out), None)
     assert np.abs(whole[settled] - expected[settled]).max() < 1e-3
+
+
+@pytest.mark.parametrize("rate", [16000, 48000])
+def test_bypass_passes_the_input_through_at_the_same_latency(tiny_dtln_card, rate):
+    denoiser = Denoiser(tiny_dtln_card, sample_rate=rate)
+    denoiser.bypass = True
+    signal = _tones(1.0, rate)
+    out = _run(denoiser, signal, 480)
+    expected = _tones(1.0, rate, start=denoiser.latency)
+    settled = slice(int(0.1 * rate), None)
+    assert np.abs(out[settled] - expected[settled]).max() < 2e-3
+
+
+def test_attenuation_limit_mixes_in_the_delayed_input(tiny_dtln_card):
+    signal = (np.random.default_rng(5).standard_normal(16000) * 0.1).astype(np.float32)
+    full = _run(Denoiser(tiny_dtln_card, sample_rate=16000), signal, 160)
+    bypassed = Denoiser(tiny_dtln_card, sample_rate=16000)
+    bypassed.bypass = True
+    dry = _run(bypassed, signal, 160)
+    limited = _run(Denoiser(tiny_dtln_card, sample_rate=16000, attenuation_limit_db=12.0), signal, 160)
+    gain = 10 ** (-12 / 20)
+    np.testing.assert_allclose(limited, (1 - gain) * full + gain * dry, atol=1e-6)

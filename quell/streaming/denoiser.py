@@ -27,11 +27,16 @@ class Denoiser:
     `process` takes [n] (mono) or [n, channels] float samples in [-1, 1] and returns as many enhanced samples,
     delayed by `latency` seconds. NaN and Inf input samples are replaced by zeros (and counted in
     `invalid_samples`) so that they cannot poison the model's states.
+
+    `attenuation_limit_db` bounds how much noise is removed (None: no bound): the output is the enhanced
+    signal mixed with the equally delayed input at `10 ** (-limit / 20)`, so residual noise sits at most that
+    far down. `bypass = True` passes the input through at the same latency while the model keeps running,
+    so switching either way is seamless.
     """
 
     def __init__(
         self, model: str | Path | ModelCard = "dtln", sample_rate: int = 48000, channels: int = 1,
-        threads: int = 1, providers: list[str] | None = None,
+        threads: int = 1, providers: list[str] | None = None, attenuation_limit_db: float | None = None,
     ):
         if channels < 1:
             raise ValueError(f"channels must be at least 1, got {channels}")
@@ -55,7 +60,10 @@ class Denoiser:
         self._pending = SampleFifo(channels, 4 * hop)  # model-rate samples short of a hop
         self._output = SampleFifo(channels, 4 * self._priming + 4096)
         self._hop_out = np.zeros((hop, channels), np.float32)
+        self._dry = SampleFifo(channels, self.card.delay + 2 * hop)  # the input, delayed like the model output
         self.invalid_samples = 0
+        self.bypass = False
+        self.attenuation_limit_db = attenuation_limit_db
         self.reset()
 
     @property
@@ -73,6 +81,17 @@ class Denoiser:
         self._pending.clear()
         self._output.clear()
         self._output.push(np.zeros((self._priming, self.channels), np.float32))
+        self._dry.clear()
+        self._dry.push(np.zeros((self.card.delay, self.channels), np.float32))
+
+    @property
+    def dry_gain(self) -> float:
+        """The share of delayed input in the output: 1 in bypass, 10^(-limit/20) with a limit, else 0."""
+        if self.bypass:
+            return 1.0
+        if self.attenuation_limit_db is None:
+            return 0.0
+        return float(10 ** (-max(self.attenuation_limit_db, 0.0) / 20))
 
     def process(self, chunk: np.ndarray) -> np.ndarray:
         """Enhance a chunk of any length; returns the same shape, delayed by `latency`."""
@@ -85,6 +104,11 @@ class Denoiser:
             block = self._pending.pop(hop)
             for channel, model in enumerate(self.models):
                 self._hop_out[:, channel] = model.step(block[:, channel])
+            self._dry.push(block)
+            dry, gain = self._dry.pop(hop), self.dry_gain
+            if gain > 0.0:
+                self._hop_out *= 1.0 - gain
+                self._hop_out += gain * dry
             out = self._hop_out if self._resample_out is None else self._resample_out.process(self._hop_out)
             self._output.push(out)
         result = self._output.pop(len(chunk))
