@@ -126,3 +126,11 @@ def test_attenuation_limit_mixes_in_the_delayed_input(tiny_dtln_card):
     limited = _run(Denoiser(tiny_dtln_card, sample_rate=16000, attenuation_limit_db=12.0), signal, 160)
     gain = 10 ** (-12 / 20)
     np.testing.assert_allclose(limited, (1 - gain) * full + gain * dry, atol=1e-6)
+
+
+def test_the_runtime_does_not_import_torch():
+    import subprocess
+    import sys
+
+    code = "import sys, quell; quell.Denoiser; assert 'torch' not in sys.modules, 'torch was imported'"
+    subprocess.run([sys.executable, "-c", code], check=True)
