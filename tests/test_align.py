@@ -1,0 +1,78 @@
+"""Bulk echo delay: planted delays of 0-500 ms found within 1 ms, a jump followed, nonsense rejected."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from quell.streaming.align import DelayEstimator
+
+RATE = 16000
+
+
+def _talker(seconds: float, seed: int) -> np.ndarray:
+    """Speech-like: gliding harmonics in syllables, with noisy consonant bursts between them."""
+    rng = np.random.default_rng(seed)
+    t = np.arange(int(seconds * RATE)) / RATE
+    f0 = rng.uniform(100, 200) * (1 + 0.2 * np.sin(2 * np.pi * rng.uniform(0.2, 0.6) * t))
+    phase = 2 * np.pi * np.cumsum(f0) / RATE
+    voiced = sum(np.sin(k * phase) / k for k in range(1, 20))
+    syllables = np.clip(np.sin(2 * np.pi * rng.uniform(2, 4) * t + rng.uniform(0, 6)), 0, None)
+    bursts = rng.standard_normal(t.size) * (syllables < 0.05) * 0.3
+    return (0.1 * (voiced * syllables + bursts)).astype(np.float32)
+
+
+def _echo(far: np.ndarray, delay_samples: int, seed: int) -> np.ndarray:
+    """The far end through a short decaying room response, `delay_samples` late."""
+    rng = np.random.default_rng(seed)
+    room = rng.standard_normal(400) * np.exp(-np.arange(400) / 60.0)
+    room[0] = 1.0
+    echo = np.convolve(far, room)[: far.size] * 0.3
+    return np.concatenate([np.zeros(delay_samples), echo])[: far.size].astype(np.float32)
+
+
+def _run(estimator: DelayEstimator, mic: np.ndarray, far: np.ndarray, chunk: int = 160) -> list:
+    return [estimator.push(mic[i : i + chunk], far[i : i + chunk]) for i in range(0, mic.size, chunk)]
+
+
+@pytest.mark.parametrize("delay_ms", [0.0, 20.0, 137.5, 260.0, 499.0])
+def test_planted_delay_is_found_within_1_ms_in_double_talk(delay_ms):
+    far, near = _talker(6.0, 1), _talker(6.0, 2)
+    noise = 0.002 * np.random.default_rng(3).standard_normal(far.size).astype(np.float32)
+    mic = _echo(far, round(delay_ms * RATE / 1000), seed=4) + 0.5 * near + noise
+    estimator = DelayEstimator(RATE, max_delay=0.5)
+    _run(estimator, mic, far, chunk=441)
+    assert estimator.estimate is not None
+    assert abs(estimator.estimate.delay * 1000 - delay_ms) <= 1.0
+
+
+def test_a_jump_in_delay_is_followed_within_two_seconds():
+    far = _talker(12.0, 5)
+    before, after = _echo(far, int(0.1 * RATE), seed=6), _echo(far, int(0.3 * RATE), seed=6)
+    switch = 6 * RATE
+    mic = np.concatenate([before[:switch], after[switch:]])
+    estimator = DelayEstimator(RATE)
+    estimates = _run(estimator, mic, far)
+    hop_time = 160 / RATE
+    assert abs(estimates[int(5.9 / hop_time)].delay - 0.1) < 0.001
+    settled = [e.delay for e in estimates[int(8.0 / hop_time) :]]
+    assert all(abs(d - 0.3) < 0.001 for d in settled)
+
+
+def test_a_reference_that_never_correlates_is_not_believed():
+    far, mic = _talker(6.0, 7), _talker(6.0, 8)
+    estimator = DelayEstimator(RATE)
+    _run(estimator, mic, far)
+    assert estimator.estimate is None
+    assert estimator.candidate is not None and estimator.candidate.confidence < 0.3
+
+
+def test_a_silent_reference_gives_no_estimate():
+    estimator = DelayEstimator(RATE)
+    _run(estimator, _talker(4.0, 9), np.zeros(4 * RATE, np.float32))
+    assert estimator.estimate is None and estimator.candidate is None
+
+
+def test_chunks_of_different_lengths_are_refused():
+    with pytest.raises(ValueError, match="differ in length"):
+        DelayEstimator(RATE).push(np.zeros(160), np.zeros(161))
