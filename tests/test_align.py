@@ -76,3 +76,44 @@ def test_a_silent_reference_gives_no_estimate():
 def test_chunks_of_different_lengths_are_refused():
     with pytest.raises(ValueError, match="differ in length"):
         DelayEstimator(RATE).push(np.zeros(160), np.zeros(161))
+
+
+def _drift_ppm(mic: np.ndarray, far: np.ndarray) -> float | None:
+    from quell.streaming.align import DriftEstimator
+
+    estimator, drift = DelayEstimator(RATE), DriftEstimator(span=60.0)
+    for i in range(0, mic.size, 1600):
+        estimator.push(mic[i : i + 1600], far[i : i + 1600])
+        if estimator.candidate is not None and estimator.candidate.confidence > 0.3:
+            drift.add(i / RATE, estimator.candidate.delay)
+    return drift.ppm
+
+
+def test_drift_of_100_ppm_is_measured_and_compensated():
+    import soxr
+
+    from quell.streaming.align import VariableResampler
+
+    far = _talker(40.0, 10)
+    # the loudspeaker's clock runs 100 ppm slow against the mic's: each second the echo comes 0.1 ms later
+    played = soxr.resample(far, RATE, RATE * (1 + 100e-6)).astype(np.float32)[: far.size]
+    mic = _echo(played, int(0.12 * RATE), seed=11)
+    ppm = _drift_ppm(mic, far)
+    assert ppm is not None and abs(ppm - 100) < 10
+
+    compensator = VariableResampler(ratio=1 + ppm * 1e-6)
+    aligned = np.concatenate([compensator.process(far[i : i + 160]) for i in range(0, far.size, 160)])[: far.size]
+    residual = _drift_ppm(mic, aligned)
+    assert residual is not None and abs(residual) < 10
+
+
+def test_variable_resampler_at_ratio_one_is_a_pure_delay():
+    from quell.streaming.align import VariableResampler
+
+    t = np.arange(RATE) / RATE  # tones well inside the band (the filter rolls off above 0.95 x Nyquist)
+    signal = (0.3 * np.sin(2 * np.pi * 310 * t) + 0.2 * np.sin(2 * np.pi * 5100 * t)).astype(np.float32)
+    resampler = VariableResampler(1.0)
+    out = np.concatenate([resampler.process(signal[i : i + 97]) for i in range(0, signal.size, 97)])
+    d = resampler.delay
+    settled = slice(4 * d, signal.size)  # after the ringing of the abrupt start
+    np.testing.assert_allclose(out[settled], signal[settled.start - d : signal.size - d], atol=2e-3)

@@ -121,3 +121,82 @@ def _parabolic_offset(values: np.ndarray, index: int) -> float:
     left, centre, right = values[index - 1], values[index], values[index + 1]
     denominator = left - 2 * centre + right
     return float(0.5 * (left - right) / denominator) if denominator != 0 else 0.0
+
+
+class DriftEstimator:
+    """Clock drift between playback and capture, from how the echo delay moves: the slope of delay vs time.
+
+    Two clocks that differ by 100 ppm move the echo 0.1 ms later (or earlier) every second. The estimate is
+    a least-squares line through the delays measured over the last `span` seconds, refitted without the
+    points furthest from it (a wrong peak now and then must not tilt the line).
+    """
+
+    def __init__(self, span: float = 30.0, min_span: float = 8.0):
+        self.span, self.min_span = span, min_span
+        self._times: list[float] = []
+        self._delays: list[float] = []
+
+    def add(self, time: float, delay: float) -> None:
+        """A delay (seconds) measured at `time` (seconds of capture)."""
+        self._times.append(time)
+        self._delays.append(delay)
+        while self._times and self._times[0] < time - self.span:
+            self._times.pop(0)
+            self._delays.pop(0)
+
+    @property
+    def ppm(self) -> float | None:
+        """Drift in parts per million (positive: the echo comes later and later), None until enough data."""
+        if len(self._times) < 8 or self._times[-1] - self._times[0] < self.min_span:
+            return None
+        t, d = np.asarray(self._times), np.asarray(self._delays)
+        slope, intercept = np.polyfit(t, d, 1)
+        residual = np.abs(d - (slope * t + intercept))
+        keep = residual <= max(np.percentile(residual, 80), 1e-6)
+        slope, _ = np.polyfit(t[keep], d[keep], 1)
+        return float(slope * 1e6)
+
+
+class VariableResampler:
+    """Resampling by a ratio that may change while streaming (clock-drift compensation), mono.
+
+    Output sample j is the input at position p_j = p_{j-1} + 1 / ratio (in input samples), read through a
+    windowed sinc whose sub-sample phases come from a table (`phases` rows, linearly interpolated). Changing
+    the ratio changes only the step, so the output stays continuous.
+    """
+
+    def __init__(self, ratio: float = 1.0, half_taps: int = 16, phases: int = 512, beta: float = 8.6):
+        self.half, self.phases = half_taps, phases
+        frac = np.arange(phases + 1)[:, None] / phases
+        t = half_taps - np.arange(2 * half_taps)[None, :] - frac  # distance from tap k to the output position
+        window = np.i0(beta * np.sqrt(np.clip(1 - (t / half_taps) ** 2, 0.0, None))) / np.i0(beta)
+        self._table = (np.sinc(0.95 * t) * 0.95 * window).astype(np.float64)
+        self._history = np.zeros(2 * half_taps, np.float64)
+        self._position = 0.0  # next output position, relative to the first sample of the history
+        self.ratio = ratio
+
+    @property
+    def delay(self) -> int:
+        """Input samples between an input sample and the output at the same position."""
+        return self.half
+
+    def process(self, chunk: np.ndarray) -> np.ndarray:
+        """Resample a chunk; about len(chunk) * ratio samples come out."""
+        buffer = np.concatenate([self._history, np.asarray(chunk, np.float64)])
+        step = 1.0 / self.ratio
+        last = len(buffer) - 2 * self.half  # positions up to here have all their taps
+        count = max(0, int(np.floor((last - self._position) / step)) + 1) if self._position <= last else 0
+        positions = self._position + step * np.arange(count)
+        base = np.floor(positions).astype(np.int64)
+        where = (positions - base) * self.phases
+        row = np.floor(where).astype(np.int64)
+        blend = (where - row)[:, None]
+        weights = (1 - blend) * self._table[row] + blend * self._table[np.minimum(row + 1, self.phases)]
+        taps = base[:, None] + np.arange(2 * self.half)[None, :]
+        out = np.einsum("mk,mk->m", weights, buffer[taps])
+        self._position += step * count
+        keep = 2 * self.half
+        consumed = len(buffer) - keep
+        self._history = buffer[-keep:]
+        self._position -= consumed
+        return out.astype(np.float32)
