@@ -254,3 +254,70 @@ def test_write_dataset_writes_dns_layout_and_metadata(corpora, tmp_path):
     write_dataset(out, synth, n_clips=1, overwrite=True)
     assert sorted(p.name for p in (out / "noisy").iterdir()) == ["clip_00000.wav"]
     assert not list(out.rglob(".*.tmp"))
+
+
+# ---------------------------------------------------------------------------------------------- echo scenarios
+
+
+def _echo_synth(corpora, tmp_path, **overrides):
+    from quell.dns.synth import EchoConfig, EchoSynthesizer
+
+    near = SynthConfig(**{**QUIET, "n_sim_rirs": 3})
+    config = EchoConfig(**{"segment_seconds": 2.0, "near": near, **overrides})
+    return EchoSynthesizer(config, corpora["speech"], corpora["speech"], corpora["noise"], cache_dir=tmp_path)
+
+
+@pytest.mark.parametrize("scenario", ["far_end", "near_end", "double_talk"])
+def test_echo_scenarios_have_the_right_talkers(corpora, tmp_path, scenario):
+    probs = tuple(float(s == scenario) for s in ("far_end", "near_end", "double_talk"))
+    synth = _echo_synth(corpora, tmp_path, scenario_probs=probs, ser_db=(4.0, 4.0))
+    mixture = synth.mixture(1)
+    assert mixture.params["scenario"] == scenario
+    signals = (mixture.mic, mixture.reference, mixture.near, mixture.echo, mixture.noise)
+    assert all(s.dtype == np.float32 and s.shape == (2 * RATE,) for s in signals)
+    near_heard = mixture.mic - mixture.echo - mixture.noise
+    if scenario == "far_end":
+        assert not mixture.near.any() and np.abs(near_heard).max() < 1e-6 and mixture.echo.any()
+    elif scenario == "near_end":
+        assert not mixture.reference.any() and not mixture.echo.any() and mixture.near.any()
+    else:
+        assert rms_db(near_heard) - rms_db(mixture.echo) == pytest.approx(4.0, abs=0.5)
+        assert mixture.params["realised_ser_db"] == pytest.approx(4.0, abs=0.5)
+
+
+def test_echo_mixture_is_deterministic(corpora, tmp_path):
+    synth = _echo_synth(corpora, tmp_path)
+    a, b, c = synth.mixture(5), synth.mixture(5), synth.mixture(6)
+    np.testing.assert_array_equal(a.mic, b.mic)
+    np.testing.assert_array_equal(a.reference, b.reference)
+    assert a.params == b.params
+    assert not np.array_equal(a.mic, c.mic)
+
+
+def test_planted_echo_delay_is_where_the_reference_reappears(corpora, tmp_path):
+    from quell.streaming.align import DelayEstimator
+
+    synth = _echo_synth(corpora, tmp_path, scenario_probs=(1.0, 0.0, 0.0), delay=(0.05, 0.3),
+                        nonlinearity_prob=0.0, path_change_prob=0.0, segment_seconds=4.0)
+    mixture = synth.mixture(2)
+    estimator = DelayEstimator(RATE, max_delay=0.4, window=1.0)
+    for i in range(0, mixture.mic.size, 800):
+        estimator.push(mixture.mic[i : i + 800], mixture.reference[i : i + 800])
+    assert estimator.estimate is not None
+    # simulated RIRs keep 2 samples before their direct path
+    assert abs(estimator.estimate.delay - mixture.params["delay"] - 2 / RATE) < 0.001
+
+
+def test_loudspeaker_nonlinearities():
+    from quell.dns.synth import loudspeaker
+
+    rng = np.random.default_rng(0)
+    x = np.sin(np.linspace(0, 20, 1000))
+    clipped, params = loudspeaker(x, "hard_clip", rng)
+    assert np.abs(clipped).max() == pytest.approx(1.0) and np.mean(np.abs(clipped) > 0.999) > 0.1
+    soft, _ = loudspeaker(x, "soft_clip", rng)
+    assert np.abs(soft).max() <= 1.0 + 1e-9 and not np.allclose(soft, x)
+    poly, params = loudspeaker(x, "polynomial", rng)
+    assert set(params) == {"a2", "a3"}
+    with pytest.raises(ValueError, match="unknown loudspeaker"):
+        loudspeaker(x, "tube", rng)

@@ -647,3 +647,159 @@ def write_dataset(
         out / "config.json", lambda path: path.write_text(json.dumps(asdict(synth.config), indent=2))
     )
     return out
+
+
+# --------------------------------------------------------------------------------------------------
+# Echo scenarios: a far end played through a loudspeaker into the room, heard again by the mic
+
+
+ECHO_SCENARIOS = ("far_end", "near_end", "double_talk")  # who talks: far end only, near end only, both
+NONLINEARITIES = ("hard_clip", "soft_clip", "polynomial")
+
+
+@dataclass
+class EchoConfig:
+    """Echo-scenario ranges; the near end (speech, noise, room, level) follows `near`."""
+
+    segment_seconds: float = 8.0
+    scenario_probs: tuple[float, float, float] = (0.3, 0.2, 0.5)  # in the order of ECHO_SCENARIOS
+    ser_db: tuple[float, float] = (-10.0, 10.0)  # near-end speech to echo at the mic
+    delay: tuple[float, float] = (0.0, 0.5)  # bulk delay between the reference and its echo, seconds
+    nonlinearity_prob: float = 0.5  # a small loudspeaker driven into distortion
+    path_change_prob: float = 0.2  # the echo path changes once inside the clip (someone moves the phone)
+    far_music_prob: float = 0.1  # the far end plays music rather than speech
+    far_noise_prob: float = 0.05  # ... or noise
+    reference_level_dbfs: tuple[float, float] = (-30.0, -15.0)  # the far end as the app plays it
+    near: SynthConfig = field(default_factory=lambda: SynthConfig(snr_db=(0.0, 40.0)))
+
+    def __post_init__(self) -> None:
+        if abs(sum(self.scenario_probs) - 1.0) > 1e-6 or min(self.scenario_probs) < 0:
+            raise ValueError(f"EchoConfig.scenario_probs must be probabilities summing to 1: {self.scenario_probs}")
+        low, high = self.delay
+        if not 0.0 <= low <= high:
+            raise ValueError(f"EchoConfig.delay must be 0 <= low <= high, got {self.delay}")
+
+
+@dataclass
+class EchoMixture:
+    """One echo example: `mic` = near speech as heard + `echo` + `noise`; `reference` is what the app
+    played; `near` is the target (near-end speech with early reflections; silence when the near end is)."""
+
+    mic: np.ndarray
+    reference: np.ndarray
+    near: np.ndarray
+    echo: np.ndarray
+    noise: np.ndarray
+    params: dict = field(default_factory=dict)
+
+
+def loudspeaker(signal: np.ndarray, kind: str, rng: np.random.Generator) -> tuple[np.ndarray, dict]:
+    """A loudspeaker's nonlinearity on a unit-peak signal: hard or soft clipping or a polynomial."""
+    if kind == "hard_clip":
+        limit = rng.uniform(0.3, 0.8)
+        return np.clip(signal, -limit, limit) / limit, {"clip_at": round(limit, 3)}
+    if kind == "soft_clip":
+        drive = rng.uniform(1.5, 5.0)
+        return np.tanh(drive * signal) / np.tanh(drive), {"drive": round(drive, 3)}
+    if kind == "polynomial":  # asymmetric (even) and compressive (odd) terms, as in AEC-challenge data
+        a2, a3 = rng.uniform(0.0, 0.3), rng.uniform(0.0, 0.3)
+        return signal + a2 * signal**2 - a3 * signal**3, {"a2": round(a2, 3), "a3": round(a3, 3)}
+    raise ValueError(f"unknown loudspeaker nonlinearity {kind!r}; known: {', '.join(NONLINEARITIES)}")
+
+
+class EchoSynthesizer:
+    """Makes `EchoMixture`s; `mixture(seed)` is deterministic.
+
+    The far end (other speakers than the near end, or music, or noise) goes through a loudspeaker
+    (optionally distorting), a room (echo path: a simulated or measured RIR, changing once in some clips) and
+    a bulk delay; the near end is a `Synthesizer` mixture (speech in its room plus noise at the mic). In
+    far-end single talk the near speech is left out (noise stays), in near-end single talk the far end is
+    silent (the reference is zeros).
+    """
+
+    def __init__(
+        self, config: EchoConfig, near_speech: Corpus, far_speech: Corpus, noise: Corpus | None = None,
+        music: Corpus | None = None, rirs: Corpus | None = None, cache_dir: str | Path | None = None,
+    ):
+        near_config = SynthConfig(**{**asdict(config.near), "segment_seconds": config.segment_seconds})
+        self.config = config
+        self.near = Synthesizer(near_config, near_speech, noise, music, rirs, cache_dir)
+        self.far = Synthesizer(near_config, far_speech)  # its speech segments only
+        self.music, self.noise = music, noise
+        # loudspeaker-to-mic paths: the measured rooms and the simulated bank, whatever the near end's reverb
+        rate = near_config.sample_rate
+        simulated = load_rir_bank(rate, near_config.t60, near_config.n_sim_rirs, cache_dir, near_config.rir_bank) \
+            if near_config.n_sim_rirs > 0 else []
+        self.rooms = self.near.real_rooms + [(rir, f"bank:{i}") for i, rir in enumerate(simulated)]
+        if not self.rooms:
+            raise ValueError("echo scenarios need rooms: give measured RIRs or keep the simulated bank")
+
+    def mixture(self, seed: int) -> EchoMixture:
+        """The echo example for `seed`, with every parameter in `params`."""
+        config = self.config
+        rng = np.random.default_rng(seed)
+        scenario = ECHO_SCENARIOS[int(rng.choice(3, p=config.scenario_probs))]
+        near = self.near.mixture(int(rng.integers(1 << 31)))
+        heard, noise, target = near.noisy - near.noise, near.noise, near.clean
+        params: dict = {"seed": seed, "scenario": scenario, **{f"near_{k}": v for k, v in near.params.items()}}
+
+        far, far_kind = self._far_end(rng, params)
+        reference = _unit_rms(far) * np.float32(_db_to_gain(rng.uniform(*config.reference_level_dbfs)))
+        echo = self._echo_path(reference, rng, params)
+        if scenario == "near_end":
+            reference, echo = np.zeros_like(reference), np.zeros_like(echo)
+        else:
+            ser_db = rng.uniform(*config.ser_db)
+            echo *= np.float32(_rms(heard) / max(_rms(echo), 1e-12) / _db_to_gain(ser_db))
+            params["ser_db"] = round(float(ser_db), 3)
+        if scenario == "far_end":
+            heard, target = np.zeros_like(heard), np.zeros_like(target)
+        mic = heard + echo + noise
+        peak = float(np.max(np.abs(mic)))
+        if peak > self.near.config.clip_guard:  # keep the mic, and what it is made of, below full scale
+            gain = np.float32(self.near.config.clip_guard / peak)
+            mic, heard, echo, noise, target = (s * gain for s in (mic, heard, echo, noise, target))
+        params.update(far_kind=far_kind, realised_ser_db=round(_rms_db(heard) - _rms_db(echo), 3)
+                      if scenario == "double_talk" else None)
+        return EchoMixture(mic=mic.astype(np.float32), reference=reference.astype(np.float32),
+                           near=target.astype(np.float32), echo=echo.astype(np.float32),
+                           noise=noise.astype(np.float32), params=params)
+
+    def _far_end(self, rng: np.random.Generator, params: dict) -> tuple[np.ndarray, str]:
+        n = self.near.segment_samples
+        draw, music_prob = rng.random(), self.config.far_music_prob
+        if self.music is not None and draw < music_prob:
+            index = int(rng.integers(len(self.music)))
+            return _random_segment(self.music.clips[index], n, rng)[0], f"music:{self.music.paths[index]}"
+        if music_prob <= draw < music_prob + self.config.far_noise_prob:
+            if self.noise is not None:
+                index = int(rng.integers(len(self.noise)))
+                return _random_segment(self.noise.clips[index], n, rng)[0], f"noise:{self.noise.paths[index]}"
+            return generate_noise("pink", n, rng, self.near.config.sample_rate), "generated:pink"
+        far_params: dict = {}
+        segment = self.far._speech_segment(rng, far_params)
+        return segment, f"speech:{far_params['speech_files']}"
+
+    def _echo_path(self, reference: np.ndarray, rng: np.random.Generator, params: dict) -> np.ndarray:
+        """Loudspeaker, room (maybe changing once), bulk delay: the echo as it reaches the mic."""
+        config, n, rate = self.config, len(reference), self.near.config.sample_rate
+        driven = reference / max(float(np.max(np.abs(reference))), 1e-12)
+        kind = None
+        if rng.random() < config.nonlinearity_prob:
+            kind = NONLINEARITIES[int(rng.integers(len(NONLINEARITIES)))]
+            driven, nl_params = loudspeaker(driven, kind, rng)
+            params.update({f"nonlinearity_{k}": v for k, v in nl_params.items()})
+        params["nonlinearity"] = kind or "none"
+        first = self.rooms[int(rng.integers(len(self.rooms)))]
+        echo = scipy.signal.fftconvolve(driven, first[0][:n])[:n]
+        params.update(echo_rir=first[1], path_change_at=None)
+        if rng.random() < config.path_change_prob:
+            second = self.rooms[int(rng.integers(len(self.rooms)))]
+            later = scipy.signal.fftconvolve(driven, second[0][:n])[:n]
+            change = int(rng.uniform(0.3, 0.7) * n)
+            fade = np.clip((np.arange(n) - change) / (0.02 * rate), 0.0, 1.0)  # 20 ms crossfade
+            echo = (1 - fade) * echo + fade * later
+            params.update(path_change_at=round(change / rate, 3), echo_rir_after=second[1])
+        delay = int(round(rng.uniform(*config.delay) * rate))
+        params["delay"] = round(delay / rate, 4)
+        return np.concatenate([np.zeros(delay), echo])[:n].astype(np.float32)
