@@ -61,7 +61,7 @@ def test_pesq_and_stoi_are_best_for_the_clean_signal_and_drop_with_noise():
 
 def test_dnsmos_rates_noise_worse_than_clean():
     pytest.importorskip("speechmos")
-    from quell.dns.dnsmos import dnsmos
+    from quell.dns.mos import dnsmos
 
     s = _speechlike(10.0)
     noisy = s + 0.03 * np.random.default_rng(4).standard_normal(s.size).astype(np.float32)
@@ -74,9 +74,36 @@ def test_dnsmos_rates_noise_worse_than_clean():
 
 def test_dnsmos_features_match_librosa():
     librosa = pytest.importorskip("librosa")
-    from quell.dns.dnsmos import _log_mel
+    from quell.dns.mos import _log_mel
 
     s = _speechlike(2.0)
+    aecmos_mel = librosa.feature.melspectrogram(y=s, sr=RATE, n_fft=513, hop_length=256, n_mels=160)
+    np.testing.assert_allclose(_log_mel(s, 513, 256, 160), ((librosa.power_to_db(aecmos_mel, ref=np.max) + 40) / 40).T,
+                               atol=1e-4)
     mel = librosa.feature.melspectrogram(y=s, sr=RATE, n_fft=321, hop_length=160, n_mels=120)
     expected = ((librosa.power_to_db(mel, ref=np.max) + 40) / 40).T
     np.testing.assert_allclose(_log_mel(s), expected, atol=1e-4)
+
+
+def test_erle_is_the_level_drop_over_the_mask():
+    mic = np.random.default_rng(5).standard_normal(16000)
+    assert metrics.erle(mic, 0.1 * mic) == pytest.approx(20.0, abs=1e-6)
+    out = np.concatenate([0.01 * mic[:8000], mic[8000:]])  # echo removed only in the first half
+    mask = np.arange(16000) < 8000
+    assert metrics.erle(mic, out, mask) == pytest.approx(40.0, abs=1e-6)
+
+
+def test_aecmos_rates_a_removed_echo_better_than_the_mic():
+    pytest.importorskip("speechmos")
+    from quell.dns.mos import aecmos
+
+    far, near = _speechlike(6.0, seed=6), _speechlike(6.0, seed=7)
+    echo = 0.5 * np.concatenate([np.zeros(1600, np.float32), far])[: far.size]
+    noise = 0.001 * np.random.default_rng(8).standard_normal(far.size).astype(np.float32)
+    mic = echo + noise
+    kept, removed = aecmos(far, mic, mic, "far_end"), aecmos(far, mic, noise, "far_end")
+    assert removed["echo"] > kept["echo"] + 0.5
+    double = aecmos(far, mic + near, near + noise, "double_talk")
+    assert set(double) == {"echo", "degradation"} and all(1.0 <= v <= 5.5 for v in double.values())
+    with pytest.raises(ValueError, match="unknown scenario"):
+        aecmos(far, mic, mic, "both")

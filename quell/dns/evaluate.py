@@ -30,8 +30,8 @@ import soundfile as sf
 import soxr
 
 from quell.dns.baselines import BASELINES, run_baselines
-from quell.dns.dnsmos import dnsmos
 from quell.dns.metrics import pesq, si_sdr, stoi
+from quell.dns.mos import dnsmos
 from quell.streaming.catalog import find_model
 from quell.streaming.files import AUDIO_SUFFIXES, FileEnhancer, FileError
 

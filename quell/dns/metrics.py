@@ -46,3 +46,16 @@ def stoi(estimate: np.ndarray, reference: np.ndarray, sample_rate: int = 16000, 
     from pystoi import stoi as _stoi
 
     return float(_stoi(np.asarray(reference, np.float64), np.asarray(estimate, np.float64), sample_rate, extended))
+
+
+def erle(mic: np.ndarray, enhanced: np.ndarray, mask: np.ndarray | None = None) -> float:
+    """Echo return loss enhancement in dB: how much weaker the output is than the mic, over `mask`.
+
+    Meaningful over far-end single talk (the mic holds echo and noise only): pass that region as a boolean
+    mask, or whole far-end single-talk clips without one.
+    """
+    mic = np.asarray(mic, np.float64)
+    enhanced = np.asarray(enhanced, np.float64)
+    if mask is not None:
+        mic, enhanced = mic[mask], enhanced[mask]
+    return float(10 * np.log10((np.dot(mic, mic) + _EPS) / (np.dot(enhanced, enhanced) + _EPS)))

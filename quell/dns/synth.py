@@ -745,6 +745,7 @@ class EchoSynthesizer:
 
         far, far_kind = self._far_end(rng, params)
         reference = _unit_rms(far) * np.float32(_db_to_gain(rng.uniform(*config.reference_level_dbfs)))
+        reference *= np.float32(min(1.0, self.near.config.clip_guard / max(float(np.abs(reference).max()), 1e-12)))
         echo = self._echo_path(reference, rng, params)
         if scenario == "near_end":
             reference, echo = np.zeros_like(reference), np.zeros_like(echo)

@@ -1,9 +1,13 @@
-"""DNSMOS P.835 (SIG, BAK, OVRL) and P.808 MOS, with the ONNX models shipped in the `speechmos` wheel.
+"""Non-intrusive MOS predictors with the ONNX models shipped in the `speechmos` wheel: DNSMOS and AECMOS.
 
 Nothing is downloaded: the models are read from the installed package's folder (its Python modules are not
-imported: they pull librosa and requests). The scoring follows Microsoft's reference `dnsmos_local.py`:
-9.01 s windows every second (short clips are tiled), the P.835 raw scores mapped by the published
-polynomials, P.808 on a 120-band log-mel spectrogram (librosa's defaults, reimplemented here in numpy).
+imported: they pull librosa and requests).
+- DNSMOS P.835 (SIG, BAK, OVRL) and P.808, scored as Microsoft's reference `dnsmos_local.py` does: 9.01 s
+  windows every second (short clips are tiled), P.835 raw scores mapped by the published polynomials, P.808
+  on a 120-band log-mel spectrogram (librosa's defaults, reimplemented here in numpy).
+- AECMOS (echo and other-degradation ratings of an echo canceller's output, given the far-end reference, the
+  mic and the scenario), as in the AEC-challenge's `aecmos.py`: 160-band log-mel of the three signals plus
+  the scenario marker, into the 16 kHz model.
 """
 
 from __future__ import annotations
@@ -23,11 +27,11 @@ _P835 = {  # raw model output -> MOS, the non-personalised polynomials (highest 
 }
 
 
-def _models_folder() -> Path:
+def _models_folder(kind: str = "dnsmos") -> Path:
     spec = importlib.util.find_spec("speechmos")
     if spec is None or not spec.submodule_search_locations:
         raise RuntimeError("DNSMOS needs the 'speechmos' package (pip install 'quell[eval]')")
-    return Path(next(iter(spec.submodule_search_locations))) / "dnsmos_models"
+    return Path(next(iter(spec.submodule_search_locations))) / f"{kind}_models"
 
 
 @lru_cache(maxsize=1)
@@ -42,7 +46,7 @@ def _sessions():
             ort.InferenceSession(str(folder / "model_v8.onnx"), options, providers=["CPUExecutionProvider"]))
 
 
-@lru_cache(maxsize=1)
+@lru_cache(maxsize=4)
 def _mel_filters(n_fft: int = 321, n_mels: int = 120) -> np.ndarray:
     """librosa.filters.mel(sr=16000, n_fft, n_mels): Slaney mel scale and area normalisation."""
 
@@ -68,14 +72,14 @@ def _mel_filters(n_fft: int = 321, n_mels: int = 120) -> np.ndarray:
     return weights * (2.0 / (mel_freqs[2:] - mel_freqs[:-2]))[:, None]
 
 
-def _log_mel(audio: np.ndarray, n_fft: int = 321, hop: int = 160) -> np.ndarray:
-    """(power_to_db(melspectrogram, ref=max, top_db=80) + 40) / 40, frames x bands, as DNSMOS P.808 wants."""
+def _log_mel(audio: np.ndarray, n_fft: int = 321, hop: int = 160, n_mels: int = 120) -> np.ndarray:
+    """(power_to_db(melspectrogram, ref=max, top_db=80) + 40) / 40, frames x bands, as both models want."""
     padded = np.pad(audio.astype(np.float64), n_fft // 2)  # librosa: center=True, zero padding
     n_frames = 1 + (len(padded) - n_fft) // hop
     index = np.arange(n_fft)[None, :] + hop * np.arange(n_frames)[:, None]
     window = 0.5 - 0.5 * np.cos(2 * np.pi * np.arange(n_fft) / n_fft)  # periodic Hann
     power = np.abs(np.fft.rfft(padded[index] * window, axis=1)) ** 2
-    mel = power @ _mel_filters(n_fft).T
+    mel = power @ _mel_filters(n_fft, n_mels).T
     db = 10 * np.log10(np.maximum(mel, 1e-10))
     db = np.maximum(db - db.max(), -80.0)
     return ((db + 40) / 40).astype(np.float32)
@@ -105,3 +109,41 @@ def dnsmos(audio: np.ndarray, sample_rate: int = RATE) -> dict[str, float]:
             scores[name].append(float(_P835[name](value)))
         scores["p808"].append(float(p808.run(None, {"input_1": _log_mel(segment[:-160])[None]})[0][0][0]))
     return {name: float(np.mean(values)) for name, values in scores.items()}
+
+
+AECMOS_TALK_TYPES = {"far_end": "st", "near_end": "nst", "double_talk": "dt"}  # our scenarios -> the model's
+
+
+@lru_cache(maxsize=1)
+def _aecmos_session():
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    options.log_severity_level = 3
+    path = _models_folder("aecmos") / "Run_1663915512_Stage_0.onnx"  # the 16 kHz model with scenario marker
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def aecmos(reference: np.ndarray, mic: np.ndarray, enhanced: np.ndarray, scenario: str) -> dict[str, float]:
+    """AECMOS {"echo", "degradation"} (1-5) of `enhanced`, given the far end played and the mic, at 16 kHz.
+
+    `scenario` is "far_end" (far-end single talk), "near_end" (near-end single talk) or "double_talk".
+    Signals are cut to the shortest and to the model's 20 s.
+    """
+    if scenario not in AECMOS_TALK_TYPES:
+        raise ValueError(f"unknown scenario {scenario!r}; known: {', '.join(AECMOS_TALK_TYPES)}")
+    length = min(len(reference), len(mic), len(enhanced), 20 * RATE)
+    features = [_log_mel(np.asarray(s[:length], np.float32), n_fft=513, hop=256, n_mels=160)
+                for s in (reference, mic, enhanced)]
+    # the scenario marker: 20 frames of ones or zeros saying who talks, then 20 frames of zeros
+    talk = AECMOS_TALK_TYPES[scenario]
+    far_single, near_single = talk == "st", talk == "nst"
+    marks = (1.0 - near_single, 1.0 - far_single, 1.0)  # reference, mic, enhanced
+    features = [np.concatenate([f, np.full((20, f.shape[1]), m, np.float32), np.zeros((20, f.shape[1]), np.float32)])
+                for f, m in zip(features, marks, strict=True)]
+    session = _aecmos_session()
+    feeds = {session.get_inputs()[0].name: np.stack(features)[None].astype(np.float32),
+             "h0": np.zeros((4, 1, 64), np.float32)}
+    result = np.asarray(session.run(None, feeds)[0]).reshape(-1)
+    return {"echo": float(result[0]), "degradation": float(result[1])}
