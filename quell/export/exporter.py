@@ -25,14 +25,22 @@ OPSET = 18
 
 
 class _StreamGraph(nn.Module):
-    """The model's `stream` with states as separate positional inputs, as ONNX wants them."""
+    """The model's `stream` with its signal inputs and states as separate positional inputs, as ONNX wants.
+
+    A streaming model names its signal inputs in `stream_inputs` ("audio", and "reference" for an echo
+    canceller) and says whether it has a sequence form (`stream(..., single_hop=False)`) in `has_sequence`.
+    """
 
     def __init__(self, model: nn.Module, single_hop: bool):
         super().__init__()
         self.model, self.single_hop = model, single_hop
+        self.n_inputs = len(model.stream_inputs)
 
-    def forward(self, audio: torch.Tensor, *states: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        return self.model.stream(audio, list(states), single_hop=self.single_hop)
+    def forward(self, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        inputs, states = tensors[: self.n_inputs], list(tensors[self.n_inputs :])
+        if self.model.has_sequence:
+            return self.model.stream(*inputs, states, single_hop=self.single_hop)
+        return self.model.stream(*inputs, states)
 
 
 def export_graph(model: nn.Module, path: Path, single_hop: bool) -> None:
@@ -45,14 +53,14 @@ def export_graph(model: nn.Module, path: Path, single_hop: bool) -> None:
     cfg = model.config
     names = list(model.state_shapes())
     hops = 1 if single_hop else 4
-    example = (torch.zeros(1, hops * cfg.hop), *model.initial_states())
-    dynamic = None if single_hop else {"audio": {1: "samples"}, "enhanced": {1: "samples"}}
+    signals = tuple(torch.zeros(1, hops * cfg.hop) for _ in model.stream_inputs)
+    dynamic = None if single_hop else {name: {1: "samples"} for name in (*model.stream_inputs, "enhanced")}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.onnx.export(
-            _StreamGraph(model, single_hop).eval(), example, str(path), dynamo=False, opset_version=OPSET,
-            input_names=["audio", *names], output_names=["enhanced", *[f"{n}_out" for n in names]],
-            dynamic_axes=dynamic,
+            _StreamGraph(model, single_hop).eval(), (*signals, *model.initial_states()), str(path), dynamo=False,
+            opset_version=OPSET, input_names=[*model.stream_inputs, *names],
+            output_names=["enhanced", *[f"{n}_out" for n in names]], dynamic_axes=dynamic,
         )
 
 
@@ -74,34 +82,38 @@ def export_model(
     out = Path(out)
     name = name or out.stem
     model = model.eval()
-    model.dft = "matmul"  # a fixed-basis MatMul is cheaper per hop than an FFT node
+    if hasattr(model, "dft"):
+        model.dft = "matmul"  # a fixed-basis MatMul is cheaper per hop than an FFT node
     cfg = model.config
     out.parent.mkdir(parents=True, exist_ok=True)
-    sequence = out.with_suffix(".seq.onnx")
+    sequence = out.with_suffix(".seq.onnx") if model.has_sequence else None
     card = ModelCard(
-        name=name, task="denoise", sample_rate=cfg.sample_rate, hop=cfg.hop, window=cfg.window,
-        delay=cfg.window - cfg.hop, step_graph=out.name, sequence_graph=sequence.name,
+        name=name, task=model.task, sample_rate=cfg.sample_rate, hop=cfg.hop, window=cfg.window,
+        delay=cfg.window - cfg.hop, step_graph=out.name, sequence_graph=sequence.name if sequence else None,
         audio_input="audio", audio_output="enhanced",
+        reference_input="reference" if "reference" in model.stream_inputs else None,
         states=[StateSpec(n, f"{n}_out", list(s)) for n, s in model.state_shapes().items()],
         parameters=sum(p.numel() for p in model.parameters()), description=description,
         training=training or {},
     )
     with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
-        step_tmp, sequence_tmp = Path(tmp) / out.name, Path(tmp) / sequence.name
-        export_graph(model, step_tmp, single_hop=True)
-        export_graph(model, sequence_tmp, single_hop=False)
+        graphs = {out: Path(tmp) / out.name}
+        export_graph(model, graphs[out], single_hop=True)
+        if sequence is not None:
+            graphs[sequence] = Path(tmp) / sequence.name
+            export_graph(model, graphs[sequence], single_hop=False)
         card_tmp = Path(tmp) / "card.json"
         card.save(card_tmp)
         if check:
             check_parity(model, card_tmp)
-        os.replace(step_tmp, out)
-        os.replace(sequence_tmp, sequence)
+        for final, written in graphs.items():
+            os.replace(written, final)
     card.save(out.with_suffix(".json"))
     return card
 
 
 def check_parity(model: nn.Module, card_path: Path, seconds: float = 2.0, tolerance: float = 1e-4) -> float:
-    """Max abs difference between PyTorch offline output and both ONNX graphs run by the engine.
+    """Max abs difference between PyTorch offline output and the ONNX graphs run by the engine.
 
     Raises AssertionError above `tolerance`.
     """
@@ -111,16 +123,22 @@ def check_parity(model: nn.Module, card_path: Path, seconds: float = 2.0, tolera
     n_hops = int(seconds * cfg.sample_rate) // cfg.hop
     rng = np.random.default_rng(0)
     t = np.arange(n_hops * cfg.hop) / cfg.sample_rate
-    noisy = (0.3 * np.sin(2 * np.pi * 220 * t) * (1 + np.sin(2 * np.pi * 3 * t)) / 2
-             + 0.05 * rng.standard_normal(t.size)).astype(np.float32)
+    voiced = 0.3 * np.sin(2 * np.pi * 220 * t) * (1 + np.sin(2 * np.pi * 3 * t)) / 2
+    signals = [(voiced + 0.05 * rng.standard_normal(t.size)).astype(np.float32)]
+    if len(model.stream_inputs) > 1:  # a far end whose echo is in the mic
+        far = (0.2 * rng.standard_normal(t.size)).astype(np.float32)
+        signals = [signals[0] + 0.5 * np.concatenate([np.zeros(200, np.float32), far[:-200]]), far]
     with torch.no_grad():
-        offline = model(torch.from_numpy(noisy)[None])[0].numpy()
+        offline = model(*(torch.from_numpy(s)[None] for s in signals))
+    offline = (offline[0] if isinstance(offline, tuple) else offline)[0].numpy()
     delay = cfg.window - cfg.hop  # the stream's first `delay` samples come from before the signal
     engine = StreamingModel(card_path)
-    step = np.concatenate([engine.step(noisy[i : i + cfg.hop]).copy() for i in range(0, noisy.size, cfg.hop)])
-    engine.reset()
-    block = engine.process(noisy)
-    worst = max(np.abs(out[delay:] - offline[:-delay]).max() for out in (step, block))
+    hops = range(0, t.size, cfg.hop)
+    outputs = [np.concatenate([engine.step(*(s[i : i + cfg.hop] for s in signals)).copy() for i in hops])]
+    if engine.card.sequence_graph:
+        engine.reset()
+        outputs.append(engine.process(*signals))
+    worst = max(np.abs(out[delay:] - offline[:-delay]).max() for out in outputs)
     if worst > tolerance:
         raise AssertionError(f"ONNX differs from PyTorch by {worst:.2e} (tolerance {tolerance:.0e})")
     return float(worst)

@@ -64,6 +64,10 @@ class LSTMStack(nn.Module):
 class DTLN(nn.Module):
     """The two-stage DTLN noise suppressor."""
 
+    task = "denoise"
+    stream_inputs = ("audio",)
+    has_sequence = True  # stream() also takes many hops at once
+
     def __init__(self, config: DTLNConfig | None = None):
         super().__init__()
         cfg = self.config = config or DTLNConfig()

@@ -1,0 +1,105 @@
+"""Blocks shared by the models: pseudo-complex convolutions and multidilated dense (D3) blocks.
+
+Complex tensors are real tensors [batch, 2 * channels, time, freq]: the real parts of every channel, then the
+imaginary parts. Convolutions are causal in time (they see the current and past frames only) so that every
+block streams: `step` takes one frame and a history of past frames, `forward` a whole sequence, and both give
+the same numbers.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+
+class ComplexConv2d(nn.Module):
+    """A complex convolution (W_r + iW_i) * (x_r + ix_i), as one real convolution with a block weight.
+
+    Kernel (2, k_f) in time x frequency with dilation (d_t, d_f); in time it looks at frames t and t - d_t.
+    A kernel of 1 in time needs no history.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_f: int = 3, kernel_t: int = 2,
+                 dilation_t: int = 1, dilation_f: int = 1, bias: bool = True):
+        super().__init__()
+        if kernel_t not in (1, 2):
+            raise ValueError("kernel_t is 1 or 2 (a longer reach in time comes from the dilation)")
+        self.kernel_t, self.dilation_t, self.dilation_f = kernel_t, dilation_t, dilation_f
+        self.pad_f = (kernel_f - 1) // 2 * dilation_f
+        shape = (out_channels, in_channels, kernel_t, kernel_f)
+        scale = (2 * in_channels * kernel_t * kernel_f) ** -0.5
+        self.weight_real = nn.Parameter(torch.randn(shape) * scale)
+        self.weight_imag = nn.Parameter(torch.randn(shape) * scale)
+        self.bias = nn.Parameter(torch.zeros(2 * out_channels)) if bias else None
+
+    def _weight(self) -> torch.Tensor:
+        real, imag = self.weight_real, self.weight_imag
+        return torch.cat([torch.cat([real, -imag], 1), torch.cat([imag, real], 1)], 0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """[B, 2Cin, T, F] -> [B, 2Cout, T, F], causal in time."""
+        past = (self.kernel_t - 1) * self.dilation_t
+        x = F.pad(x, (self.pad_f, self.pad_f, past, 0))
+        return F.conv2d(x, self._weight(), self.bias, dilation=(self.dilation_t, self.dilation_f))
+
+    def step(self, frame: torch.Tensor, history: torch.Tensor | None) -> torch.Tensor:
+        """One frame [B, 2Cin, 1, F] given `history` [B, 2Cin, d_t, F] (its oldest frame is t - d_t)."""
+        x = frame if self.kernel_t == 1 else torch.cat([history[:, :, :1], frame], dim=2)
+        x = F.pad(x, (self.pad_f, self.pad_f, 0, 0))
+        return F.conv2d(x, self._weight(), self.bias, dilation=(1, self.dilation_f))
+
+
+def complex_activation(x: torch.Tensor) -> torch.Tensor:
+    """Split activation: the same nonlinearity on real and imaginary parts (cheap, and it streams)."""
+    return F.elu(x)
+
+
+class D3Block(nn.Module):
+    """A densely connected multidilated block (Takahashi & Mitsufuji's D3 block, causal in time).
+
+    Layer i sees the block input (group 0) and the outputs of layers 0..i-1 (groups 1..i); it convolves
+    group g with dilation 2**g in time and frequency, so later layers reach far into the past and across
+    the spectrum through early features, without pooling. The block returns a 1x1 mix of all groups added to
+    its input.
+    """
+
+    def __init__(self, channels: int, growth: int, layers: int, max_dilation_f: int = 8):
+        super().__init__()
+        self.group_channels = [channels] + [growth] * layers
+        self.dilations = [2**g for g in range(layers + 1)]
+        self.layers = nn.ModuleList(
+            nn.ModuleList(
+                ComplexConv2d(self.group_channels[g], growth, dilation_t=self.dilations[g],
+                              dilation_f=min(self.dilations[g], max_dilation_f), bias=g == 0)
+                for g in range(i + 1)
+            )
+            for i in range(layers)
+        )
+        self.mix = ComplexConv2d(sum(self.group_channels), channels, kernel_t=1, kernel_f=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        groups = [x]
+        for convs in self.layers:
+            groups.append(complex_activation(sum(conv(g) for conv, g in zip(convs, groups, strict=False))))
+        return x + self.mix(_cat_complex(groups))
+
+    def history_frames(self) -> list[int]:
+        """Past frames each group must keep for streaming (its time dilation); the last group needs none."""
+        return self.dilations[: len(self.layers)]
+
+    def step(self, frame: torch.Tensor, histories: list[torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """One frame through the block; `histories[g]` holds group g's last `dilation_g` frames."""
+        groups = [frame]
+        for convs in self.layers:
+            total = sum(conv.step(g, h) for conv, g, h in zip(convs, groups, histories, strict=False))
+            groups.append(complex_activation(total))
+        out = frame + self.mix.step(_cat_complex(groups), None)
+        new = [torch.cat([h[:, :, 1:], g], dim=2) for h, g in zip(histories, groups, strict=False)]
+        return out, new
+
+
+def _cat_complex(groups: list[torch.Tensor]) -> torch.Tensor:
+    """Concatenate complex tensors along channels: all real parts, then all imaginary parts."""
+    halves = [g.chunk(2, dim=1) for g in groups]
+    return torch.cat([h[0] for h in halves] + [h[1] for h in halves], dim=1)

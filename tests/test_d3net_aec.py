@@ -1,0 +1,71 @@
+"""The echo canceller model: causal blocks stream exactly, and its ONNX step graph equals PyTorch."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from quell.export.exporter import check_parity, export_model  # noqa: E402
+from quell.models.d3net_aec import D3NetAEC, D3NetAECConfig  # noqa: E402
+from quell.models.layers import ComplexConv2d, D3Block  # noqa: E402
+from quell.streaming.card import ModelCard  # noqa: E402
+
+
+def test_complex_convolution_multiplies_complex_numbers():
+    conv = ComplexConv2d(1, 1, kernel_f=1, kernel_t=1, bias=False)
+    w = complex(conv.weight_real.item(), conv.weight_imag.item())
+    x = torch.tensor([[[[0.3]], [[-1.2]]]])  # 0.3 - 1.2j as [real, imag] channels
+    y = conv(x)[0, :, 0, 0]
+    expected = w * complex(0.3, -1.2)
+    assert complex(y[0].item(), y[1].item()) == pytest.approx(expected, abs=1e-6)
+
+
+def test_d3_block_is_causal_and_streams_exactly():
+    torch.manual_seed(0)
+    block = D3Block(channels=3, growth=2, layers=3).eval()
+    x = torch.randn(1, 6, 20, 9)
+    with torch.no_grad():
+        offline = block(x)
+        changed = x.clone()
+        changed[:, :, 12:] += 1.0  # the future must not change the past
+        assert torch.equal(block(changed)[:, :, :12], offline[:, :, :12])
+        histories = [torch.zeros(1, 2 * c, d, 9) for c, d in zip(block.group_channels, block.history_frames(),
+                                                                    strict=False)]
+        frames = []
+        for t in range(20):
+            out, histories = block.step(x[:, :, t : t + 1], histories)
+            frames.append(out)
+    torch.testing.assert_close(torch.cat(frames, dim=2), offline, atol=1e-5, rtol=0)
+
+
+def test_streaming_equals_offline_and_onnx_equals_pytorch(tmp_path):
+    torch.manual_seed(1)
+    model = D3NetAEC(D3NetAECConfig(channels=8, growth=4, layers=3, blocks=2)).eval()
+    rng = np.random.default_rng(0)
+    mic, ref = (torch.from_numpy(rng.standard_normal((1, 160 * 30)).astype(np.float32) * 0.1) for _ in range(2))
+    with torch.no_grad():
+        near, echo_free = model(mic, ref)
+        states, hops = model.initial_states(), []
+        for k in range(30):
+            out, *states = model.stream(mic[:, k * 160 : (k + 1) * 160], ref[:, k * 160 : (k + 1) * 160], states)
+            hops.append(out)
+    torch.testing.assert_close(torch.cat(hops, -1)[:, 160:], near[:, :-160], atol=1e-5, rtol=0)
+    assert near.shape == echo_free.shape == mic.shape
+
+    card = export_model(model, tmp_path / "aec.onnx")
+    assert check_parity(model, card.path) <= 1e-4
+    loaded = ModelCard.load(card.path)
+    assert (loaded.task, loaded.reference_input, loaded.sequence_graph) == ("echo", "reference", None)
+    assert (loaded.window, loaded.hop, loaded.delay) == (320, 160, 160)
+
+
+def test_the_reference_matters():
+    torch.manual_seed(2)
+    model = D3NetAEC(D3NetAECConfig(channels=8, growth=4, layers=2, blocks=1)).eval()
+    mic = torch.randn(1, 3200) * 0.1
+    with torch.no_grad():
+        silent, _ = model(mic, torch.zeros_like(mic))
+        playing, _ = model(mic, torch.randn(1, 3200) * 0.1)
+    assert not torch.allclose(silent, playing)
