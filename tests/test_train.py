@@ -77,3 +77,26 @@ def test_unusable_corpus_files_are_reported_and_skipped(recipe, tmp_path, caplog
     sf.write(tmp_path / "speech" / "short.wav", np.zeros(100, np.float32) + 0.1, RATE)
     train(recipe(1), tmp_path / "run")
     assert "skipped" in caplog.text.lower() and "broken.wav" in caplog.text
+
+
+def test_the_echo_canceller_trains_on_echo_scenarios(tmp_path):
+    _write_corpus(tmp_path / "speech", 3, 20, "speech")
+    _write_corpus(tmp_path / "far", 3, 21, "speech")
+    _write_corpus(tmp_path / "noise", 2, 22, "noise")
+    recipe = {
+        "model": "d3net_aec",
+        "model_args": {"channels": 4, "growth": 4, "layers": 2, "blocks": 1},
+        "data": {"speech": ["speech"], "far_speech": ["far"], "noise": ["noise"]},
+        "valid": {"speech": ["speech"], "far_speech": ["far"]},
+        "synth": {"segment_seconds": 1.0, "scenario_probs": [0.5, 0.0, 0.5],
+                  "near": {"reverb_prob": 0.0, "n_sim_rirs": 2}},
+        "train": {"batch_size": 2, "steps_per_epoch": 2, "max_epochs": 1, "workers": 0, "valid_clips": 4,
+                  "loss": "echo"},
+    }
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    best = train(path, tmp_path / "run")
+    header, row = (tmp_path / "run" / "log.csv").read_text().splitlines()
+    assert "erle" in header.split(",") and "pesq_wb" in header.split(",")
+    card = export_checkpoint(best, tmp_path / "aec.onnx")
+    assert card.task == "echo" and card.reference_input == "reference"

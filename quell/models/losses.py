@@ -30,4 +30,32 @@ def negative_si_sdr(estimate: torch.Tensor, target: torch.Tensor) -> torch.Tenso
     return -si_sdr_db(estimate, target).mean()
 
 
-LOSSES = {"neg_snr": negative_snr, "neg_si_sdr": negative_si_sdr}
+def compressed_spectral(estimate: torch.Tensor, target: torch.Tensor, power: float = 0.3, n_fft: int = 512,
+                        hop: int = 128, magnitude_weight: float = 0.7) -> torch.Tensor:
+    """Distance of power-law compressed spectra (magnitude and complex), as AEC-challenge systems train.
+
+    Unlike an SNR it is defined when the target is silent (far-end single talk: every echo left counts).
+    """
+    window = torch.hann_window(n_fft, device=estimate.device)
+    spectra = [torch.stft(x, n_fft, hop, window=window, return_complex=True) for x in (estimate, target)]
+    magnitudes = [s.abs().clamp_min(1e-8) for s in spectra]
+    compressed = [m**power for m in magnitudes]
+    phases = [s / m for s, m in zip(spectra, magnitudes, strict=True)]
+    magnitude_term = (compressed[0] - compressed[1]).pow(2).mean()
+    complex_term = (compressed[0] * phases[0] - compressed[1] * phases[1]).abs().pow(2).mean()
+    return magnitude_weight * magnitude_term + (1 - magnitude_weight) * complex_term
+
+
+def _first(loss):
+    """A loss of (estimate, target) as a loss of (outputs, targets): the first of each."""
+    return lambda outputs, targets: loss(outputs[0], targets[0])
+
+
+def echo_loss(outputs, targets, echo_mask_weight: float = 0.5) -> torch.Tensor:
+    """The near-end estimate against the near end, plus the echo-free estimate against the mic minus echo."""
+    near = compressed_spectral(outputs[0], targets[0])
+    return near + echo_mask_weight * compressed_spectral(outputs[1], targets[1])
+
+
+# losses of (outputs, targets), tuples of [batch, samples] tensors
+LOSSES = {"neg_snr": _first(negative_snr), "neg_si_sdr": _first(negative_si_sdr), "echo": echo_loss}

@@ -29,14 +29,19 @@ from torch.utils.data import DataLoader, Dataset
 
 from quell.dns import metrics
 from quell.dns.corpora import load_corpus
-from quell.dns.synth import SynthConfig, Synthesizer
+from quell.dns.synth import EchoConfig, EchoSynthesizer, SynthConfig, Synthesizer
+from quell.models.d3net_aec import D3NetAEC, D3NetAECConfig
 from quell.models.dtln import DTLN, DTLNConfig
 from quell.models.losses import LOSSES
 
 log = logging.getLogger("quell.train")
 
 # name -> (model class, its config dataclass); adding a model adds a line here
-MODELS: dict[str, tuple[type[nn.Module], type]] = {"dtln": (DTLN, DTLNConfig)}
+MODELS: dict[str, tuple[type[nn.Module], type]] = {"dtln": (DTLN, DTLNConfig), "d3net_aec": (D3NetAEC, D3NetAECConfig)}
+
+# an example is (model inputs, targets): denoising ((noisy,), (clean,)); echo ((mic, reference), (near,
+# mic without its echo)): the second target supervises the echo mask alone
+Example = tuple[tuple[np.ndarray, ...], tuple[np.ndarray, ...]]
 
 
 @dataclass
@@ -78,37 +83,62 @@ def _dataclass_from(cls: type, values: dict[str, Any] | None) -> Any:
     return cls(**values)
 
 
-def build_synthesizer(section: dict[str, Any], base: Path, synth_config: SynthConfig) -> Synthesizer:
-    """A synthesizer from a recipe data section: `speech`, `noise`, `music`, `rir` folder lists."""
+def _corpora(section: dict[str, Any], base: Path, rate: int) -> dict[str, Any]:
+    """Corpora from a recipe data section: lists of folders (relative to the recipe) per key."""
 
     def corpus(key: str, min_seconds: float = 0.0):
         folders = section.get(key)
         if not folders:
             return None
         paths = [base / f for f in ([folders] if isinstance(folders, str) else folders)]
-        return load_corpus(paths, synth_config.sample_rate, name=key, min_seconds=min_seconds)
+        return load_corpus(paths, rate, name=key, min_seconds=min_seconds)
 
-    return Synthesizer(
-        synth_config,
-        speech=corpus("speech", min_seconds=1.0),
-        noise=corpus("noise"),
-        music=corpus("music"),
-        rirs=corpus("rir"),
-    )
+    return {key: corpus(key, 1.0 if "speech" in key else 0.0)
+            for key in ("speech", "far_speech", "noise", "music", "rir")}
+
+
+class ExampleSource:
+    """Examples for a model's task, a pure function of the seed."""
+
+    def __init__(self, task: str, section: dict[str, Any], base: Path, synth: dict[str, Any] | None,
+                 rir_bank_offset: int = 0):
+        synth = dict(synth or {})
+        self.task = task
+        if task == "denoise":
+            config = _dataclass_from(SynthConfig, synth)
+            config = replace(config, rir_bank=config.rir_bank + rir_bank_offset)
+            c = _corpora(section, base, config.sample_rate)
+            self.synth = Synthesizer(config, c["speech"], c["noise"], c["music"], c["rir"])
+        elif task == "echo":
+            near = _dataclass_from(SynthConfig, synth.pop("near", None))
+            near = replace(near, rir_bank=near.rir_bank + rir_bank_offset)
+            config = replace(_dataclass_from(EchoConfig, synth), near=near)
+            c = _corpora(section, base, near.sample_rate)
+            self.synth = EchoSynthesizer(config, c["speech"], c["far_speech"] or c["speech"], c["noise"],
+                                         c["music"], c["rir"])
+        else:
+            raise ValueError(f"no training data for task {task!r}")
+
+    def example(self, seed: int) -> Example:
+        if self.task == "denoise":
+            mix = self.synth.mixture(seed)
+            return (mix.noisy,), (mix.clean,)
+        mix = self.synth.mixture(seed)
+        return (mix.mic, mix.reference), (mix.near, mix.mic - mix.echo)
 
 
 class MixtureDataset(Dataset):
-    """Item i is the synthesizer's mixture for seed `seed + i`: (noisy, clean) float32 tensors."""
+    """Item i is the example for seed `seed + i`, as float32 tensors."""
 
-    def __init__(self, synth: Synthesizer, seed: int, length: int):
-        self.synth, self.seed, self.length = synth, seed, length
+    def __init__(self, source: ExampleSource, seed: int, length: int):
+        self.source, self.seed, self.length = source, seed, length
 
     def __len__(self) -> int:
         return self.length
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        mix = self.synth.mixture(self.seed + index)
-        return torch.from_numpy(mix.noisy), torch.from_numpy(mix.clean)
+    def __getitem__(self, index: int):
+        inputs, targets = self.source.example(self.seed + index)
+        return tuple(map(torch.from_numpy, inputs)), tuple(map(torch.from_numpy, targets))
 
 
 class _RangeSampler(torch.utils.data.Sampler):
@@ -124,20 +154,32 @@ class _RangeSampler(torch.utils.data.Sampler):
         return len(range(self.start, self.stop, self.stride))
 
 
-def validate(model: nn.Module, clips: list[tuple[np.ndarray, np.ndarray]], device: torch.device) -> dict[str, float]:
-    """Mean SI-SDR, SI-SDR improvement and PESQ-WB of the model on fixed (noisy, clean) clips."""
+def _outputs(model: nn.Module, inputs) -> tuple[torch.Tensor, ...]:
+    outputs = model(*inputs)
+    return outputs if isinstance(outputs, tuple) else (outputs,)
+
+
+def validate(model: nn.Module, clips: list[Example], device: torch.device) -> dict[str, float]:
+    """Mean SI-SDR, SI-SDR improvement and PESQ-WB of the model's first output on fixed clips; for clips
+    whose target is silent (far-end single talk), the ERLE instead."""
     model.eval()
-    scores: dict[str, list[float]] = {"si_sdr": [], "si_sdr_i": [], "pesq_wb": []}
+    scores: dict[str, list[float]] = {"si_sdr": [], "si_sdr_i": [], "pesq_wb": [], "erle": []}
     with torch.no_grad():
-        noisy = torch.from_numpy(np.stack([n for n, _ in clips])).to(device)
-        enhanced = torch.cat([model(batch) for batch in noisy.split(16)]).cpu().numpy()
-    for (noisy_clip, clean), out in zip(clips, enhanced, strict=True):
+        inputs = zip(*(clip[0] for clip in clips), strict=True)  # per model input, every clip's signal
+        stacked = [torch.from_numpy(np.stack(signals)).to(device) for signals in inputs]
+        batches = zip(*(signal.split(16) for signal in stacked), strict=True)
+        enhanced = torch.cat([_outputs(model, batch)[0] for batch in batches]).cpu().numpy()
+    for (inputs, targets), out in zip(clips, enhanced, strict=True):
+        mic, clean = inputs[0], targets[0]
+        if not np.any(np.abs(clean) > 1e-6):
+            scores["erle"].append(metrics.erle(mic, out))
+            continue
         sdr = float(metrics.si_sdr(out, clean))
         scores["si_sdr"].append(sdr)
-        scores["si_sdr_i"].append(sdr - float(metrics.si_sdr(noisy_clip, clean)))
+        scores["si_sdr_i"].append(sdr - float(metrics.si_sdr(mic, clean)))
         scores["pesq_wb"].append(metrics.pesq(out, clean, 16000, "wb"))
     model.train()
-    return {k: float(np.nanmean(v)) for k, v in scores.items()}
+    return {k: float(np.nanmean(v)) for k, v in scores.items() if v}
 
 
 class CsvLog:
@@ -179,7 +221,6 @@ def train(recipe_path: str | Path, out_dir: str | Path, max_minutes: float | Non
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     cfg = _dataclass_from(TrainConfig, recipe.get("train"))
-    synth_config = _dataclass_from(SynthConfig, recipe.get("synth"))
 
     distributed = "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1
     rank, world = 0, 1
@@ -208,15 +249,12 @@ def train(recipe_path: str | Path, out_dir: str | Path, max_minutes: float | Non
         log.info("resumed from %s at step %d", last, state["step"])
     wrapped = nn.parallel.DistributedDataParallel(model) if distributed else model
 
-    train_synth = build_synthesizer(recipe["data"], base, synth_config)
+    train_source = ExampleSource(model.task, recipe["data"], base, recipe.get("synth"))
     # validation rooms come from another simulated bank than training rooms
-    valid_config = replace(synth_config, rir_bank=synth_config.rir_bank + 1)
-    valid_synth = build_synthesizer(recipe["valid"], base, valid_config)
-    valid_clips = [
-        (m.noisy, m.clean) for m in (valid_synth.mixture(cfg.valid_seed + i) for i in range(cfg.valid_clips))
-    ]
+    valid_source = ExampleSource(model.task, recipe["valid"], base, recipe.get("synth"), rir_bank_offset=1)
+    valid_clips = [valid_source.example(cfg.valid_seed + i) for i in range(cfg.valid_clips)]
     total_items = cfg.max_epochs * cfg.steps_per_epoch * cfg.batch_size
-    dataset = MixtureDataset(train_synth, cfg.seed, total_items)
+    dataset = MixtureDataset(train_source, cfg.seed, total_items)
     loss_fn = LOSSES[cfg.loss]
     csv_log = CsvLog(out / "log.csv") if rank == 0 else None
     started = time.monotonic()
@@ -231,16 +269,16 @@ def train(recipe_path: str | Path, out_dir: str | Path, max_minutes: float | Non
         losses: list[float] = []
         progress = _progress(total=epoch_end - state["step"], desc=f"epoch {state['epoch'] + 1}", enabled=rank == 0)
         tick = time.monotonic()
-        for noisy, clean in loader:
-            noisy, clean = noisy.to(device), clean.to(device)
-            loss = loss_fn(wrapped(noisy), clean)
+        for inputs, targets in loader:
+            inputs, targets = [x.to(device) for x in inputs], [x.to(device) for x in targets]
+            loss = loss_fn(_outputs(wrapped, inputs), targets)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             optimizer.step()
             state["step"] += 1
             losses.append(loss.item())
-            audio_seconds = noisy.shape[0] * noisy.shape[1] / synth_config.sample_rate * world
+            audio_seconds = inputs[0].numel() / model.config.sample_rate * world
             speed = audio_seconds / max(time.monotonic() - tick, 1e-9)
             tick = time.monotonic()
             progress.set_postfix(loss=f"{loss.item():.2f}", speed=f"{speed:.0f}x", refresh=False)
