@@ -182,5 +182,84 @@ def bench(model, hops, seconds, as_json) -> None:
     click.echo(json.dumps(results, indent=2) if as_json else format_report(results))
 
 
+@main.group()
+def p808() -> None:
+    """P.808 listening tests: build ACR/CCR/P.835 tests, serve them to raters, analyse the votes."""
+
+
+@p808.command("build")
+@click.option("-o", "--output", required=True, type=click.Path(file_okay=False), help="Test folder to write.")
+@click.option("--method", type=click.Choice(["acr", "ccr", "p835"]), default="acr", show_default=True,
+              help="ACR (P.808 quality), CCR (against the reference) or P.835 (SIG, BAK, OVRL).")
+@click.option("-c", "--condition", "conditions", multiple=True, required=True,
+              help="Folder of the clips of one condition: NAME=FOLDER or FOLDER (repeatable).")
+@click.option("--reference", required=True, type=click.Path(exists=True, file_okay=False),
+              help="Folder of clean speech: gold, training and volume clips; for CCR also the reference of "
+                   "every clip (same relative names).")
+@click.option("--clips-per-session", default=10, show_default=True, type=click.IntRange(1),
+              help="Rating clips per session (a gold and a trapping clip come on top).")
+@click.option("--raters-per-session", default=5, show_default=True, type=click.IntRange(1),
+              help="Raters `serve` gives each session to, i.e. votes per clip.")
+@click.option("--seed", default=0, show_default=True, help="Seed: the same seed builds the same test.")
+@click.option("--overwrite", is_flag=True, help="Replace a test folder that exists (never one holding votes).")
+def p808_build(output, method, conditions, reference, clips_per_session, raters_per_session, seed,
+               overwrite) -> None:
+    """Build a listening test from folders of conditions: clips, sessions, toolkit CSVs, offline page."""
+    from quell.dns.p808.build import build_test, parse_conditions
+
+    test = build_test(output, method, parse_conditions(list(conditions)), reference, clips_per_session,
+                      raters_per_session, seed, overwrite)
+    rated = {item.rated_clip for session in test.sessions for item in session.items if item.role == "rating"}
+    click.echo(f"wrote the {method.upper()} test {output}: {len(rated)} clips of {len(conditions)} conditions in "
+               f"{len(test.sessions)} sessions of {len(test.sessions[0].items)} steps; "
+               f"serve it with `quell p808 serve {output}` or open {Path(output) / 'test.html'}")
+
+
+@p808.command("serve")
+@click.argument("test_folder", type=click.Path(exists=True, file_okay=False))
+@click.option("--db", default=None, type=click.Path(dir_okay=False), help="Votes database [TEST_FOLDER/votes.db].")
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address to listen on (0.0.0.0 for raters on other machines of the local network).")
+@click.option("--port", default=8808, show_default=True, type=click.IntRange(0, 65535), help="Port (0: any free).")
+def p808_serve(test_folder, db, host, port) -> None:
+    """Run the test for raters in their browsers; every vote is stored in SQLite. Ctrl-C stops."""
+    from quell.dns.p808.serve import open_server
+
+    server = open_server(test_folder, db, host, port)
+    click.echo(f"serving {test_folder} at {server.url} (votes in {server.store.path}); Ctrl-C stops")
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.close()
+
+
+@p808.command("analyze")
+@click.argument("test_folder", type=click.Path(exists=True, file_okay=False))
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Report folder.")
+@click.option("--db", default=None, type=click.Path(dir_okay=False),
+              help="Votes database [TEST_FOLDER/votes.db, unless --votes is given].")
+@click.option("--votes", "vote_files", multiple=True, type=click.Path(exists=True, dir_okay=False),
+              help="CSV of votes, e.g. downloaded from the offline page (repeatable).")
+@click.option("--outliers", is_flag=True, help="Drop votes with |z| >= 3.29 per clip (clips with over 5 votes).")
+def p808_analyze(test_folder, out, db, vote_files, outliers) -> None:
+    """Screen submissions by the P.808 rules; MOS, std, n and 95% CI per clip and condition; markdown + PNG."""
+    from quell.dns.p808.analyze import analyze, read_votes_csv
+    from quell.dns.p808.design import load_test
+    from quell.dns.p808.store import read_votes
+
+    test = load_test(test_folder)
+    votes = [row for path in vote_files for row in read_votes_csv(path)]
+    if db or not vote_files:
+        votes += read_votes(db or Path(test_folder) / "votes.db")
+    analysis = analyze(test, votes, outliers)
+    written, no_plot = analysis.write(out)
+    if no_plot:
+        click.echo(f"warning: {no_plot}", err=True)
+    click.echo(f"wrote {', '.join(path.name for path in written)} to {out}")
+    click.echo(analysis.markdown())
+
+
 if __name__ == "__main__":
     main()
