@@ -51,8 +51,9 @@ def dataset(tmp_path_factory) -> Path:
         for folder, audio in (("clean", clean), ("noisy", clean + noise)):
             (root / folder).mkdir(exist_ok=True)
             sf.write(root / folder / name, audio.astype(np.float32), RATE, "PCM_16")
+        layers = "generated:white@+0.0dB" if i % 3 else "noise:some/recording.flac+123@+0.0dB;music:x+1@-3.0dB"
         rows.append({"file": name, "snr_db": snr, "rir_source": room, "n_noise_layers": 1,
-                     "realised_snr_db": snr})
+                     "noise_layers": layers, "realised_snr_db": snr})
     with open(root / "metadata.csv", "w", newline="") as file:
         writer = csv.DictWriter(file, fieldnames=list(rows[0]))
         writer.writeheader()
@@ -113,8 +114,8 @@ def test_conditions_snr_buckets_and_rooms(report):
     out = report[0]
     conditions = json.loads((out / "summary.json").read_text())["systems"]["noisy"]["conditions"]
     assert list(conditions) == ["all", "SNR < 0 dB", "SNR 0-10 dB", "SNR 10-20 dB", "SNR >= 20 dB",
-                                "reverberant", "dry"]
-    assert [conditions[c]["files"] for c in conditions] == [6, 1, 2, 2, 1, 2, 4]
+                                "reverberant", "dry", "recorded noise", "white noise (generated)"]
+    assert [conditions[c]["files"] for c in conditions] == [6, 1, 2, 2, 1, 2, 4, 2, 4]
     low, high = conditions["SNR < 0 dB"]["pesq_wb"]["mean"], conditions["SNR >= 20 dB"]["pesq_wb"]["mean"]
     assert low < high  # the noisier input scores worse
     markdown = (out / "summary.md").read_text()

@@ -46,6 +46,7 @@ DNSMOS_METRICS = ("dnsmos_sig", "dnsmos_bak", "dnsmos_ovrl", "dnsmos_p808")
 SNR_BUCKETS = (("SNR < 0 dB", -math.inf, 0.0), ("SNR 0-10 dB", 0.0, 10.0), ("SNR 10-20 dB", 10.0, 20.0),
                ("SNR >= 20 dB", 20.0, math.inf))
 ROOMS = ("reverberant", "dry")
+CONDITION_KEYS = ("snr_condition", "room", "noise_type")  # per-file columns that define report conditions
 _EXAMPLES = 3  # names shown in a warning line
 
 
@@ -57,7 +58,7 @@ class Clip:
     noisy: Path
     clean: Path | None = None
     enhanced: Path | None = None
-    condition: dict = field(default_factory=dict)  # snr_db, snr_condition, room, noise_layers
+    condition: dict = field(default_factory=dict)  # snr_db, snr_condition, room, noise_type, noise_layers
 
 
 @dataclass
@@ -151,6 +152,18 @@ def snr_condition(snr_db: float) -> str:
     return next(name for name, low, high in SNR_BUCKETS if low <= snr_db < high)
 
 
+def noise_type(layers: str) -> str:
+    """The kind of a clip's main (first, 0 dB) noise layer, from `quell synth`'s `noise_layers` column."""
+    source = layers.split(";")[0].split("@")[0]
+    if source.startswith("generated:"):
+        return f"{source.split(':', 1)[1]} noise (generated)"
+    return "music" if source.startswith("music") else "recorded noise"
+
+
+def _in_condition(row: dict, condition: str) -> bool:
+    return condition == "all" or any(row.get(key) == condition for key in CONDITION_KEYS)
+
+
 def read_conditions(noisy: Path) -> dict[str, dict]:
     """Per-file conditions from the metadata.csv of `quell synth` (in the noisy folder or the set above it)."""
     for path in (noisy / "metadata.csv", noisy.parent / "metadata.csv"):
@@ -170,6 +183,8 @@ def read_conditions(noisy: Path) -> dict[str, dict]:
             layers = row.get("n_noise_layers") or row.get("noise_layers")
             if layers not in (None, "") and layers.isdigit():
                 condition["noise_layers"] = int(layers)
+            if row.get("noise_layers"):
+                condition["noise_type"] = noise_type(row["noise_layers"])
             if "file" in row:
                 conditions[row["file"]] = condition
     return conditions
@@ -305,13 +320,14 @@ class Evaluation:
     inputs: dict
 
     def conditions(self) -> list[str]:
-        """"all", then the SNR buckets and rooms that have clips, in a fixed order."""
-        present = {row.get(key) for row in self.rows for key in ("snr_condition", "room")}
-        return ["all"] + [name for name, *_ in SNR_BUCKETS if name in present] + [r for r in ROOMS if r in present]
+        """"all", then the SNR buckets, rooms and noise types that have clips, in a fixed order."""
+        present = {row.get(key) for row in self.rows for key in CONDITION_KEYS}
+        noise_types = sorted({row["noise_type"] for row in self.rows if row.get("noise_type")})
+        return (["all"] + [name for name, *_ in SNR_BUCKETS if name in present] + [r for r in ROOMS if r in present]
+                + noise_types)
 
     def stats(self, system: str, condition: str = "all") -> dict[str, Stat]:
-        rows = [row for row in self.rows if row["system"] == system
-                and condition in ("all", row.get("snr_condition"), row.get("room"))]
+        rows = [row for row in self.rows if row["system"] == system and _in_condition(row, condition)]
         return {metric: mean_ci(row.get(metric, math.nan) for row in rows) for metric in self.metrics}
 
     def summary(self) -> dict:
@@ -320,8 +336,7 @@ class Evaluation:
         for name, system in self.systems.items():
             conditions = {}
             for condition in self.conditions() if system.status == "ok" else ():
-                files = {row["file"] for row in self.rows if row["system"] == name
-                         and condition in ("all", row.get("snr_condition"), row.get("room"))}
+                files = {row["file"] for row in self.rows if row["system"] == name and _in_condition(row, condition)}
                 conditions[condition] = {"files": len(files), **{
                     metric: {"mean": _finite(s.mean), "ci95": _finite(s.ci95), "n": s.n}
                     for metric, s in self.stats(name, condition).items()}}
@@ -355,7 +370,7 @@ class Evaluation:
                  f"timed {'in one process' if jobs == 1 else f'with {jobs} worker processes at once'}.", "",
                  self.markdown()]
         for condition in self.conditions()[1:]:
-            n = len({row["file"] for row in self.rows if condition in (row.get("snr_condition"), row.get("room"))})
+            n = len({row["file"] for row in self.rows if _in_condition(row, condition)})
             parts += ["", f"## {condition} ({_count(n, 'file')})", "", self.markdown(condition)]
         if self.warnings:
             parts += ["", "## Warnings", "", *(f"- {line}" for line in self.warnings)]
@@ -365,7 +380,7 @@ class Evaluation:
         """per_file.csv, summary.csv, summary.json, summary.md and, with matplotlib, box plots; the paths written."""
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)
-        columns = ["file", "system", *(c for c in ("snr_db", "snr_condition", "room", "noise_layers")
+        columns = ["file", "system", *(c for c in ("snr_db", *CONDITION_KEYS, "noise_layers")
                                        if any(c in row for row in self.rows)), "seconds", *self.metrics]
         plots = _plots(self, out)
         if isinstance(plots, str) and plots not in self.warnings:
