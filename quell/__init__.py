@@ -13,9 +13,10 @@ from pathlib import Path
 from quell.streaming.card import ModelCard
 from quell.streaming.catalog import list_models
 from quell.streaming.denoiser import Denoiser
+from quell.streaming.echo import EchoCanceller
 from quell.streaming.files import FileEnhancer
 
-__all__ = ["Denoiser", "ModelCard", "enhance_file", "list_models"]
+__all__ = ["Denoiser", "EchoCanceller", "ModelCard", "enhance_file", "list_models"]
 
 
 def enhance_file(

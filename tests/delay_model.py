@@ -38,3 +38,21 @@ def write_delay_model(folder: Path, delay: int = 384, hop: int = 128, rate: int 
     )
     card.save(folder / "delay.json")
     return folder / "delay.json"
+
+
+def write_subtractor_model(folder: Path, hop: int = 160, rate: int = 16000) -> Path:
+    """An ideal canceller for an echo that is an exact copy of the aligned reference: mic - reference."""
+    graph = helper.make_graph(
+        [helper.make_node("Sub", ["audio", "reference"], ["enhanced"])], "subtract",
+        [helper.make_tensor_value_info("audio", TensorProto.FLOAT, [1, hop]),
+         helper.make_tensor_value_info("reference", TensorProto.FLOAT, [1, hop])],
+        [helper.make_tensor_value_info("enhanced", TensorProto.FLOAT, [1, hop])],
+    )
+    folder.mkdir(parents=True, exist_ok=True)
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), folder / "subtract.onnx")
+    card = ModelCard(
+        name="subtract", task="echo", sample_rate=rate, hop=hop, window=hop, delay=0, step_graph="subtract.onnx",
+        audio_input="audio", audio_output="enhanced", reference_input="reference", states=[],
+    )
+    card.save(folder / "subtract.json")
+    return folder / "subtract.json"

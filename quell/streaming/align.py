@@ -157,46 +157,40 @@ class DriftEstimator:
         return float(slope * 1e6)
 
 
-class VariableResampler:
-    """Resampling by a ratio that may change while streaming (clock-drift compensation), mono.
+class FractionalDelayLine:
+    """The reference read at any fractional delay, sample by sample: alignment and drift in one place.
 
-    Output sample j is the input at position p_j = p_{j-1} + 1 / ratio (in input samples), read through a
-    windowed sinc whose sub-sample phases come from a table (`phases` rows, linearly interpolated). Changing
-    the ratio changes only the step, so the output stays continuous.
+    `push` appends samples; `read(delays)` returns, for the last len(delays) samples pushed, the signal as
+    it was delays[i] samples earlier, through a windowed sinc whose sub-sample phases come from a table
+    (`phases` rows, linearly interpolated). A delay that grows by 100e-6 per sample undoes a 100 ppm clock
+    drift; a sub-sample delay aligns finer than a sample. Delays below `half_taps` (1 ms at 16 kHz) are read
+    as `half_taps`: the interpolator needs that many samples after the point it reads.
     """
 
-    def __init__(self, ratio: float = 1.0, half_taps: int = 16, phases: int = 512, beta: float = 8.6):
-        self.half, self.phases = half_taps, phases
+    def __init__(self, max_delay: int, channels: int = 1, half_taps: int = 32, phases: int = 512, beta: float = 9.0):
+        self.half, self.phases, self.max_delay = half_taps, phases, max_delay
         frac = np.arange(phases + 1)[:, None] / phases
-        t = half_taps - np.arange(2 * half_taps)[None, :] - frac  # distance from tap k to the output position
+        t = frac + half_taps - 1 - np.arange(2 * half_taps)[None, :]  # distance from each tap to the point read
         window = np.i0(beta * np.sqrt(np.clip(1 - (t / half_taps) ** 2, 0.0, None))) / np.i0(beta)
-        self._table = (np.sinc(0.95 * t) * 0.95 * window).astype(np.float64)
-        self._history = np.zeros(2 * half_taps, np.float64)
-        self._position = 0.0  # next output position, relative to the first sample of the history
-        self.ratio = ratio
+        self._table = (np.sinc(0.98 * t) * 0.98 * window).astype(np.float32)
+        self._buffer = np.zeros((max_delay + 2 * half_taps + 1, channels), np.float32)
 
-    @property
-    def delay(self) -> int:
-        """Input samples between an input sample and the output at the same position."""
-        return self.half
+    def push(self, samples: np.ndarray) -> None:
+        """Append [n, channels] samples (n at most the line's length)."""
+        n = len(samples)
+        self._buffer[:-n] = self._buffer[n:]
+        self._buffer[-n:] = samples
 
-    def process(self, chunk: np.ndarray) -> np.ndarray:
-        """Resample a chunk; about len(chunk) * ratio samples come out."""
-        buffer = np.concatenate([self._history, np.asarray(chunk, np.float64)])
-        step = 1.0 / self.ratio
-        last = len(buffer) - 2 * self.half  # positions up to here have all their taps
-        count = max(0, int(np.floor((last - self._position) / step)) + 1) if self._position <= last else 0
-        positions = self._position + step * np.arange(count)
-        base = np.floor(positions).astype(np.int64)
-        where = (positions - base) * self.phases
+    def read(self, delays: np.ndarray) -> np.ndarray:
+        """[len(delays), channels]: sample i of the last len(delays) pushed, delayed by delays[i] samples."""
+        count = len(delays)
+        delays = np.clip(np.asarray(delays, np.float64), self.half, self.max_delay)
+        newest = len(self._buffer) - 1
+        position = newest - (count - 1) + np.arange(count) - delays  # where to read, in buffer indices
+        base = np.floor(position).astype(np.int64)
+        where = (position - base) * self.phases
         row = np.floor(where).astype(np.int64)
-        blend = (where - row)[:, None]
+        blend = (where - row)[:, None].astype(np.float32)
         weights = (1 - blend) * self._table[row] + blend * self._table[np.minimum(row + 1, self.phases)]
-        taps = base[:, None] + np.arange(2 * self.half)[None, :]
-        out = np.einsum("mk,mk->m", weights, buffer[taps])
-        self._position += step * count
-        keep = 2 * self.half
-        consumed = len(buffer) - keep
-        self._history = buffer[-keep:]
-        self._position -= consumed
-        return out.astype(np.float32)
+        taps = base[:, None] - self.half + 1 + np.arange(2 * self.half)[None, :]
+        return np.einsum("mk,mkc->mc", weights, self._buffer[taps])

@@ -102,8 +102,10 @@ class Denoiser:
         hop = self.card.hop
         while len(self._pending) >= hop:
             block = self._pending.pop(hop)
+            reference = self._reference_hop(block)
             for channel, model in enumerate(self.models):
-                self._hop_out[:, channel] = model.step(block[:, channel])
+                self._hop_out[:, channel] = model.step(
+                    block[:, channel], None if reference is None else reference[:, channel])
             self._dry.push(block)
             dry, gain = self._dry.pop(hop), self.dry_gain
             if gain > 0.0:
@@ -113,6 +115,10 @@ class Denoiser:
             self._output.push(out)
         result = self._output.pop(len(chunk))
         return result[:, 0] if np.ndim(chunk) == 1 else result
+
+    def _reference_hop(self, block: np.ndarray) -> np.ndarray | None:
+        """The far-end reference for this hop of mic samples ([hop, channels]); a denoiser has none."""
+        return None
 
     def flush(self) -> np.ndarray:
         """The enhanced end of the stream: `ceil(latency_samples)` more samples, as if silence followed."""

@@ -1,0 +1,112 @@
+"""EchoCanceller: a Denoiser whose model also hears the far end, aligned to where its echo reaches the mic.
+
+    canceller = EchoCanceller("aec", sample_rate=48000)
+    out = canceller.process(mic_chunk, played_chunk)    # what the app captured and what it played
+
+The reference goes through the same resampler as the mic, then a fractional delay line: `DelayEstimator`
+finds the delay between the reference and its echo (up to `max_delay`, to a fraction of a sample) and the line
+holds the reference back by that much, so the model sees each far-end frame together with its echo. The delay
+track also gives the clock drift between playback and capture (`DriftEstimator`); the line then lets the delay
+grow (or shrink) by that many parts per million every sample, which resamples the reference to the mic's clock.
+Without a reference (None, or silence) the model works as a noise suppressor; a reference that never
+correlates is never aligned (it reports low confidence).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from quell.streaming.align import DelayEstimate, DelayEstimator, DriftEstimator, FractionalDelayLine
+from quell.streaming.card import ModelCard
+from quell.streaming.denoiser import Denoiser
+from quell.streaming.resample import StreamingResampler
+from quell.streaming.ringbuffer import SampleFifo
+
+
+class EchoCanceller(Denoiser):
+    """Streaming echo cancellation and noise suppression; `process(mic, reference)` keeps the mic's length.
+
+    `reference` is what was played (mono [n] or one column per channel), at the same rate and length as the
+    mic chunk. `alignment` is the current delay estimate (None until one is confirmed) and `drift_ppm` the
+    clock drift measured from how that delay moves (None until 8 s of confident estimates).
+    """
+
+    def __init__(
+        self, model: str | Path | ModelCard = "aec", sample_rate: int = 48000, channels: int = 1,
+        max_delay: float = 0.5, threads: int = 1, providers: list[str] | None = None,
+        attenuation_limit_db: float | None = None,
+    ):
+        super().__init__(model, sample_rate, channels, threads, providers, attenuation_limit_db)
+        if not self.card.reference_input:
+            raise ValueError(f"model {self.card.name!r} takes no far-end reference: it is not an echo canceller")
+        rate, hop = self.card.sample_rate, self.card.hop
+        self.max_delay = max_delay
+        self._resample_reference = StreamingResampler(sample_rate, rate, channels) if sample_rate != rate else None
+        self._pending_reference = SampleFifo(channels, 4 * hop)
+        self._line = FractionalDelayLine(int(max_delay * rate) + hop, channels)
+        self.estimator = DelayEstimator(rate, max_delay=max_delay)
+        self._drift = DriftEstimator()
+        self._hops = 0
+        self._last_candidate: DelayEstimate | None = None
+        self._anchor_estimate: DelayEstimate | None = None  # the estimate the delay track starts from
+        self._anchor_time = 0
+
+    @property
+    def alignment(self) -> DelayEstimate | None:
+        """The adopted delay of the echo behind the reference, with its confidence."""
+        return self.estimator.estimate
+
+    @property
+    def drift_ppm(self) -> float | None:
+        """Clock drift between playback and capture, parts per million (positive: the echo comes later)."""
+        return self._drift.ppm
+
+    def reset(self) -> None:
+        super().reset()
+        if hasattr(self, "estimator"):  # Denoiser.__init__ resets before this class has set itself up
+            self._pending_reference.clear()
+            self._line = FractionalDelayLine(self._line.max_delay, self.channels)
+            self.estimator.reset()
+            self._drift = DriftEstimator()
+            self._hops, self._anchor_time = 0, 0
+            self._last_candidate = self._anchor_estimate = None
+
+    def process(self, mic: np.ndarray, reference: np.ndarray | None = None) -> np.ndarray:
+        """Cancel the echo of `reference` in `mic`; returns mic's shape, delayed by `latency`."""
+        mic = np.asarray(mic)
+        n = mic.shape[0] if mic.ndim else 0
+        if reference is None:
+            reference = np.zeros((n, self.channels), np.float32)
+        reference = np.asarray(reference, np.float32)
+        if reference.shape[0] != n:
+            raise ValueError(f"mic and reference chunks differ in length: {n} and {reference.shape[0]} samples")
+        if reference.ndim == 1:
+            reference = np.repeat(reference[:, None], self.channels, axis=1)
+        reference = np.where(np.isfinite(reference), reference, np.float32(0.0))
+        if self._resample_reference is not None:
+            reference = self._resample_reference.process(self._as_frames(reference))
+        self._pending_reference.push(self._as_frames(reference))
+        return super().process(mic)
+
+    def _reference_hop(self, block: np.ndarray) -> np.ndarray:
+        hop, rate = self.card.hop, self.card.sample_rate
+        far = self._pending_reference.pop(hop)
+        self._line.push(far)
+        self.estimator.push(block.mean(axis=1), far.mean(axis=1))
+        self._hops += 1
+        now = self._hops * hop  # samples so far, at the model rate
+        candidate = self.estimator.candidate
+        if candidate is not None and candidate is not self._last_candidate:  # a new measurement
+            if candidate.confidence >= self.estimator.min_confidence:
+                self._drift.add(now / rate, candidate.delay)
+            self._last_candidate = candidate
+        estimate = self.estimator.estimate
+        if estimate is None:
+            return self._line.read(np.zeros(hop))
+        if estimate is not self._anchor_estimate:  # measured over the last window: it holds at its middle
+            self._anchor_estimate, self._anchor_time = estimate, now - self.estimator.window // 2
+        slope = (self.drift_ppm or 0.0) * 1e-6
+        samples = now - hop + np.arange(hop)
+        return self._line.read(estimate.delay * rate + slope * (samples - self._anchor_time))
