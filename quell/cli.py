@@ -263,3 +263,31 @@ def p808_analyze(test_folder, out, db, vote_files, outliers) -> None:
 
 if __name__ == "__main__":
     main()
+
+
+@main.command()
+@click.option("--mic", required=True, help="Microphone recording, or a folder of them (recursive).")
+@click.option("--ref", "reference", required=True,
+              help="What was played (the far end): a file, or a folder paired with --mic by relative path.")
+@click.option("-o", "--output", required=True, help="Output file (for one mic file) or folder.")
+@click.option("-m", "--model", default="aec", show_default=True, help="Echo-cancellation model name or .json card.")
+@click.option("--overwrite", is_flag=True, help="Replace outputs that exist (inputs are never overwritten).")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def aec(mic, reference, output, model, overwrite, quiet) -> None:
+    """Cancel the echo of REF in MIC (and the noise): files, or folders paired by name."""
+    from quell.streaming.catalog import find_model
+    from quell.streaming.files import pair_references
+
+    card = find_model(model)
+    if not card.reference_input:
+        raise ValueError(f"model {card.name!r} is not an echo canceller (it takes no reference)")
+    pairs = plan_outputs([mic], output)
+    references = pair_references(pairs, mic, reference)
+    for (src, _), ref in zip(pairs, references, strict=True):
+        if ref is None:
+            click.echo(f"note: {src}: no reference of the same name, only denoised", err=True)
+    summary = enhance_files(pairs, model=model, overwrite=overwrite, progress=not quiet, references=references,
+                            report=lambda line: click.echo(line, err=True))
+    click.echo(summary.line())
+    if summary.count("failed"):
+        sys.exit(1)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -76,13 +77,20 @@ class FileEnhancer:
         if self.card.sequence_graph:
             self.sessions["sequence"] = make_session(self.card.graph_path("sequence"), threads)
 
-    def enhance(self, src: str | Path, dst: str | Path, overwrite: bool = False, subtype: str | None = None) -> float:
+    def enhance(self, src: str | Path, dst: str | Path, overwrite: bool = False, subtype: str | None = None,
+                reference: str | Path | None = None, report: Callable[[str], None] | None = None) -> float:
         """Enhance `src` into `dst` (format from its suffix); returns the audio duration in seconds.
 
-        Raises FileError with a one-line reason; never leaves a partial `dst` and never writes over `src`.
+        An echo canceller also takes `reference`, the far end that was played (any rate, resampled; several
+        channels are mixed to one; shorter is padded with silence, longer cut); without one it only denoises.
+        `report` receives one line for each such adjustment. Raises FileError with a one-line reason; never
+        leaves a partial `dst` and never writes over `src`.
         """
         src, dst = Path(src), Path(dst)
         info = _audio_info(src)
+        reference_info = _audio_info(Path(reference)) if reference is not None else None
+        if reference_info is not None and not self.card.reference_input:
+            raise FileError(f"model {self.card.name!r} is not an echo canceller: it takes no reference")
         if dst.exists() and dst.samefile(src):
             raise FileError(f"{src}: output would overwrite the input")
         if dst.exists() and not overwrite:
@@ -106,7 +114,10 @@ class FileEnhancer:
             raise FileError(f"{dst}: cannot write ({_reason(error)})") from error
         try:
             with writer:
-                self._run(src, info, writer)
+                if self.card.reference_input:
+                    self._run_echo(src, info, writer, reference, reference_info, report or (lambda line: None))
+                else:
+                    self._run(src, info, writer)
             os.replace(tmp, dst)
         except (OSError, sf.LibsndfileError) as error:  # a corrupt stream mid-file, a full disk: this file fails
             tmp.unlink(missing_ok=True)
@@ -133,6 +144,34 @@ class FileEnhancer:
                     raise FileError(f"{src}: contains NaN or Inf samples")
                 write(stream.push(block))
         write(stream.finish())
+
+
+    def _run_echo(self, src: Path, info: sf._SoundFileInfo, writer: sf.SoundFile, reference: str | Path | None,
+                  reference_info: sf._SoundFileInfo | None, report: Callable[[str], None]) -> None:
+        """The streaming EchoCanceller over the file, its latency trimmed so the output aligns with the mic."""
+        from quell.streaming.echo import EchoCanceller
+
+        rate, channels, block = info.samplerate, info.channels, int(_BLOCK_SECONDS * info.samplerate)
+        canceller = EchoCanceller(self.card, sample_rate=rate, channels=channels)
+        far = _ReferenceReader(reference, reference_info, rate, info.frames, src, report)
+        to_drop, written = round(canceller.latency_samples), 0
+        clip = not writer.subtype.startswith(("FLOAT", "DOUBLE", "VORBIS"))
+
+        def write(out: np.ndarray) -> None:
+            nonlocal to_drop, written
+            dropped = min(to_drop, len(out))
+            to_drop -= dropped
+            out = out[dropped:][: info.frames - written]
+            writer.write(np.clip(out, -1.0, 1.0) if clip else out)
+            written += len(out)
+
+        with sf.SoundFile(src) as reader:
+            for mic in reader.blocks(block, dtype="float32", always_2d=True):
+                if not np.isfinite(mic).all():
+                    raise FileError(f"{src}: contains NaN or Inf samples")
+                write(canceller.process(mic, far.read(len(mic))))
+        write(canceller.flush())
+        far.close()
 
 
 class AlignedStream:
@@ -191,6 +230,49 @@ class AlignedStream:
             out = np.concatenate([out, np.zeros((self.frames - self.written - len(out), self.channels), np.float32)])
         self.written += len(out)
         return out
+
+
+class _ReferenceReader:
+    """The far-end file, read alongside the mic: mixed to mono, resampled to the mic's rate, padded or cut."""
+
+    def __init__(self, path: str | Path | None, info: sf._SoundFileInfo | None, rate: int, frames: int, src: Path,
+                 report: Callable[[str], None]):
+        self.file = sf.SoundFile(path) if path is not None else None
+        self.resampler = None
+        if info is not None:
+            if info.channels > 1:
+                report(f"{path}: {info.channels} channels mixed to one reference")
+            if info.samplerate != rate:
+                report(f"{path}: resampled from {info.samplerate} to {rate} Hz, the mic's rate")
+                self.resampler = soxr.ResampleStream(info.samplerate, rate, 1, dtype="float32", quality="HQ")
+            length = round(info.frames * rate / info.samplerate)
+            if length != frames:
+                report(f"{path}: {length} samples against the mic's {frames}: "
+                       + ("padded with silence" if length < frames else "cut"))
+        self.buffered = np.zeros(0, np.float32)
+
+    def read(self, n: int) -> np.ndarray:
+        """The next n reference samples at the mic's rate (silence once the file has ended)."""
+        while self.file is not None and len(self.buffered) < n:
+            block = self.file.read(max(n, 4096), dtype="float32", always_2d=True)
+            ended = len(block) == 0
+            if not np.isfinite(block).all():
+                raise FileError(f"{self.file.name}: contains NaN or Inf samples")
+            mono = block.mean(axis=1)
+            if self.resampler is not None:
+                mono = self.resampler.resample_chunk(mono, last=ended)
+            self.buffered = np.concatenate([self.buffered, mono])
+            if ended:
+                self.close()
+        out = np.zeros(n, np.float32)
+        take = min(n, len(self.buffered))
+        out[:take], self.buffered = self.buffered[:take], self.buffered[take:]
+        return out
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
+            self.file = None
 
 
 def _audio_info(src: Path) -> sf._SoundFileInfo:
@@ -258,6 +340,27 @@ def _refuse_clashes(pairs: list[tuple[Path, Path]]) -> list[tuple[Path, Path]]:
     return list(planned.values())  # an input given twice is done once
 
 
+def pair_references(mics: list[tuple[Path, Path]], mic: str | Path, reference: str | Path) -> list[Path | None]:
+    """The far-end file for each planned mic file: the reference file itself, or the file of the same relative
+    path in the reference folder (None where there is none: that mic is only denoised)."""
+    mic, reference = Path(mic), Path(reference)
+    if not reference.exists():
+        raise FileError(f"{reference}: no such file or folder")
+    if reference.is_file():
+        if len(mics) != 1:
+            raise FileError(f"{reference}: one reference file for {len(mics)} mic files (give a folder)")
+        return [reference]
+    if not mic.is_dir():
+        raise FileError(f"{reference}: a reference folder needs a mic folder")
+    matches = []
+    for src, _ in mics:
+        relative = src.relative_to(mic)
+        candidates = [p for p in (reference / relative).parent.glob(relative.stem + ".*")
+                      if p.suffix.lower() in AUDIO_SUFFIXES]
+        matches.append(candidates[0] if candidates else None)
+    return matches
+
+
 _worker: FileEnhancer | None = None
 
 
@@ -266,40 +369,48 @@ def _init_worker(model: str, threads: int) -> None:
     _worker = FileEnhancer(model, threads)
 
 
-def _enhance_one(src: Path, dst: Path, overwrite: bool, subtype: str | None) -> FileResult:
+def _enhance_one(src: Path, dst: Path, overwrite: bool, subtype: str | None,
+                 reference: Path | None = None) -> FileResult:
     assert _worker is not None
     if dst.exists() and not overwrite and dst.resolve() != src.resolve():
         return FileResult(src, dst, "skipped", message=f"{dst}: exists, skipped")
+    notes: list[str] = []
     try:
-        return FileResult(src, dst, "done", _worker.enhance(src, dst, overwrite, subtype))
+        seconds = _worker.enhance(src, dst, overwrite, subtype, reference, report=notes.append)
+        return FileResult(src, dst, "done", seconds, message="; ".join(notes))
     except FileError as error:
         return FileResult(src, dst, "failed", message=str(error))
 
 
 def enhance_files(
     pairs: list[tuple[Path, Path]], model: str | Path = "dtln", jobs: int = 1, overwrite: bool = False,
-    subtype: str | None = None, progress: bool = True, report=print,
+    subtype: str | None = None, progress: bool = True, report=print, references: list[Path | None] | None = None,
 ) -> BatchSummary:
-    """Enhance every (src, dst) pair with `jobs` worker processes; failures are reported and the rest go on."""
+    """Enhance every (src, dst) pair with `jobs` worker processes; failures are reported and the rest go on.
+
+    For an echo canceller, `references[i]` is the far end played during pair i (None: none was).
+    """
     from tqdm import tqdm
 
     started = time.monotonic()
     summary = BatchSummary()
+    references = references if references is not None else [None] * len(pairs)
     bar = tqdm(total=len(pairs), unit="file", disable=not progress, dynamic_ncols=True)
     if jobs <= 1:
         _init_worker(str(model), 1)
-        results = (_enhance_one(src, dst, overwrite, subtype) for src, dst in pairs)
+        results = (_enhance_one(src, dst, overwrite, subtype, ref) for (src, dst), ref in zip(pairs, references,
+                                                                                              strict=True))
         executor = None
     else:
         executor = ProcessPoolExecutor(jobs, initializer=_init_worker, initargs=(str(model), 1))
         results = executor.map(_enhance_one, *zip(*pairs, strict=True), [overwrite] * len(pairs),
-                               [subtype] * len(pairs))
+                               [subtype] * len(pairs), references)
     try:
         for result in results:
             summary.results.append(result)
             if result.message:
                 with bar.external_write_mode():  # clear the bar (stdout or stderr) while the line is written
-                    report(("error: " if result.status == "failed" else "") + result.message)
+                    report(("error: " if result.status == "failed" else "note: ") + result.message)
             bar.update()
     finally:
         bar.close()
