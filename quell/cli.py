@@ -97,18 +97,32 @@ def train(recipe, out, max_minutes) -> None:
 @click.option("--dns-root", type=click.Path(exists=True, file_okay=False),
               help="A DNS-Challenge tree (clean/, noise/, impulse_responses/) instead of the folders above.")
 @click.option("--seed", default=0, show_default=True, help="Seed: the same seed writes the same set.")
-@click.option("--snr", nargs=2, type=float, default=(-5.0, 25.0), show_default=True, help="SNR range, dB.")
+@click.option("--snr", nargs=2, type=float, default=None,
+              help="SNR range, dB [-5 25; of the near end with --echo: 0 40].")
 @click.option("--level", nargs=2, type=float, default=(-35.0, -15.0), show_default=True, help="Level, dBFS.")
 @click.option("--reverb", default=0.3, show_default=True, type=click.FloatRange(0, 1), help="Reverberant share.")
-@click.option("--seconds", default=4.0, show_default=True, type=click.FloatRange(0.5), help="Clip length.")
+@click.option("--seconds", default=None, type=click.FloatRange(0.5), help="Clip length [4; with --echo: 8].")
 @click.option("--rir-bank", default=1, show_default=True,
               help="Simulated-room bank; training uses bank 0, so the default keeps validation rooms unseen.")
+@click.option("--echo", is_flag=True,
+              help="An echo set instead: mic/, far_end/, clean/ (the near end), echo/ and metadata.csv (scenarios).")
+@click.option("--far-speech", multiple=True, type=click.Path(exists=True),
+              help="Far-end speech folder for --echo (repeatable; default: the --speech folders).")
 @click.option("--overwrite", is_flag=True, help="Write into a folder that is not empty.")
-def synth(output, clips, speech, noise, music, rir, dns_root, seed, snr, level, reverb, seconds, rir_bank,
-          overwrite) -> None:
-    """Write a DNS-style noisy/clean/noise set with a metadata CSV (reproducible validation sets)."""
+def synth(output, clips, speech, noise, music, rir, dns_root, seed, snr, level, reverb, seconds, rir_bank, echo,
+          far_speech, overwrite) -> None:
+    """Write a DNS-style noisy/clean/noise set (or, with --echo, an echo set) with a metadata CSV (reproducible)."""
+    from dataclasses import replace
+
     from quell.dns.corpora import dns_layout, load_corpus
-    from quell.dns.synth import SynthConfig, Synthesizer, write_dataset
+    from quell.dns.synth import (
+        EchoConfig,
+        EchoSynthesizer,
+        SynthConfig,
+        Synthesizer,
+        write_dataset,
+        write_echo_dataset,
+    )
 
     if dns_root:
         layout = dns_layout(dns_root)
@@ -117,37 +131,54 @@ def synth(output, clips, speech, noise, music, rir, dns_root, seed, snr, level, 
         rir = rir or ([layout["rir"]] if "rir" in layout else ())
     if not speech:
         raise click.UsageError("give --speech (or --dns-root)")
-    config = SynthConfig(snr_db=snr, level_dbfs=level, reverb_prob=reverb, segment_seconds=seconds, rir_bank=rir_bank)
-    rate = config.sample_rate
+    if far_speech and not echo:
+        raise click.UsageError("--far-speech is for echo sets: add --echo")
+    given = {"level_dbfs": level, "reverb_prob": reverb, "rir_bank": rir_bank, "snr_db": snr,
+             "segment_seconds": seconds}
+    given = {name: value for name, value in given.items() if value is not None}  # the others keep their defaults
+    rate = SynthConfig().sample_rate
 
-    def corpus(folders, name):
-        return load_corpus(list(folders), rate, name=name) if folders else None
+    def corpus(folders, name, min_seconds=0.0):
+        return load_corpus(list(folders), rate, name=name, min_seconds=min_seconds) if folders else None
 
-    synthesizer = Synthesizer(config, speech=load_corpus(list(speech), rate, name="speech", min_seconds=1.0),
-                              noise=corpus(noise, "noise"), music=corpus(music, "music"), rirs=corpus(rir, "rir"))
+    corpora = {"noise": corpus(noise, "noise"), "music": corpus(music, "music"), "rirs": corpus(rir, "rir")}
+    near_speech = corpus(speech, "speech", min_seconds=1.0)
+    if echo:
+        seconds = given.pop("segment_seconds", EchoConfig.segment_seconds)
+        config = EchoConfig(segment_seconds=seconds, near=replace(EchoConfig().near, **given))
+        far = corpus(far_speech, "far-end speech", min_seconds=1.0) if far_speech else near_speech
+        out = write_echo_dataset(output, EchoSynthesizer(config, near_speech, far, **corpora), clips, seed=seed,
+                                 overwrite=overwrite)
+        click.echo(f"wrote {clips} echo clips to {out} (mic/, far_end/, clean/, echo/, metadata.csv)")
+        return
+    synthesizer = Synthesizer(SynthConfig(**given), speech=near_speech, **corpora)
     out = write_dataset(output, synthesizer, clips, seed=seed, overwrite=overwrite)
     click.echo(f"wrote {clips} clips to {out} (noisy/, clean/, noise/, metadata.csv)")
 
 
 @main.command("eval")
-@click.option("--noisy", required=True, help="Folder of noisy clips (a metadata.csv of `quell synth` adds conditions).")
+@click.option("--noisy", required=True,
+              help="Folder of noisy (or, with --far-end, mic) clips; a metadata.csv of `quell synth` adds conditions.")
 @click.option("--clean", default=None, help="Folder of clean references, same names (without: DNSMOS only).")
+@click.option("--far-end", default=None,
+              help="Folder of what was played, same names: score echo cancellers (ERLE, AECMOS per scenario).")
 @click.option("--enhanced", default=None, help="Folder of enhanced outputs to score, same names.")
 @click.option("-m", "--model", default=None, help="Or a model to run: shipped name or a .json card.")
-@click.option("--baselines", default="noisy", show_default=True,
-              help="Peers to run, comma-separated: noisy, rnnoise, webrtc, speex, deepfilternet ('' for none).")
+@click.option("--baselines", default=None,
+              help="Peers to run, comma-separated: noisy, rnnoise, webrtc, speex, deepfilternet; with --far-end: "
+                   "mic, webrtc, speex ('' for none) [noisy; with --far-end: mic].")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Report folder.")
 @click.option("--limit", default=None, type=click.IntRange(1), help="Only the first N clips (by name).")
 @click.option("-j", "--jobs", default=1, show_default=True, type=click.IntRange(1, 256), help="Worker processes.")
 @click.option("--no-dnsmos", is_flag=True, help="Skip DNSMOS (its slowest metric).")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def evaluate(noisy, clean, enhanced, model, baselines, out, limit, jobs, no_dnsmos, quiet) -> None:
-    """Objective scores (PESQ, STOI, SI-SDR, DNSMOS) of enhanced speech, with the open peers side by side."""
+def evaluate(noisy, clean, far_end, enhanced, model, baselines, out, limit, jobs, no_dnsmos, quiet) -> None:
+    """Objective scores (PESQ, STOI, SI-SDR, DNSMOS; ERLE, AECMOS) of enhanced speech, peers side by side."""
     from tqdm import tqdm
 
     from quell.dns.evaluate import evaluate as run_evaluation
 
-    names = [name.strip() for name in baselines.split(",") if name.strip()]
+    names = None if baselines is None else [name.strip() for name in baselines.split(",") if name.strip()]
     bars = []  # made once scoring starts, so that an error before is one line alone
 
     def progress(done: int, total: int) -> None:
@@ -156,7 +187,8 @@ def evaluate(noisy, clean, enhanced, model, baselines, out, limit, jobs, no_dnsm
         bars[0].update(done - bars[0].n)
 
     try:
-        evaluation = run_evaluation(noisy, clean, enhanced, model, names, limit, jobs, not no_dnsmos, progress)
+        evaluation = run_evaluation(noisy, clean, enhanced, model, names, limit, jobs, not no_dnsmos, progress,
+                                    far_end=far_end)
     finally:
         for bar in bars:
             bar.close()

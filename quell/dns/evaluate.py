@@ -6,10 +6,19 @@ and frame size. Each system's output is scored against the clean clip at 16 kHz:
 STOI, ESTOI, SI-SDR and its improvement over the noisy input; DNSMOS P.835 (SIG, BAK, OVRL) and P.808 need no
 reference, so without clean clips they are all there is.
 
+With a far end (what was played, paired by name; the noisy clip is then the mic) the systems are echo
+cancellers: the model must take a reference and the peers are `ECHO_BASELINES`. The scenario of each clip
+(far-end single talk, near-end single talk, double talk) comes from the `scenario` column of `quell synth --echo`'s
+metadata.csv, and decides what is scored: ERLE on far-end single talk (without metadata: where the clean
+reference is silent), after the first `ERLE_SETTLE_SECONDS` in which cancellers converge; AECMOS as the AEC
+challenge reports it, echo rating on far-end single talk and double talk, other-degradation rating on near-end
+single talk and double talk (without a scenario it cannot run); the reference metrics where the clean near end
+is not silent; DNSMOS everywhere.
+
 The report (`Evaluation.write`): one CSV row per clip and system; mean and 95% confidence interval (Student t)
-per metric and system, overall and, when the set has the `metadata.csv` of `quell synth`, per input-SNR bucket
-and for reverberant vs dry clips; the same as JSON and as markdown tables (with each engine's speed, x real
-time, timed like the peers: the model alone, resampling apart); box plots when matplotlib is installed.
+per metric and system, overall and, when the set has the `metadata.csv` of `quell synth`, per input-SNR bucket,
+for reverberant vs dry clips and per echo scenario; the same as JSON and as markdown tables (with each engine's
+speed, x real time, timed like the peers: the model alone, resampling apart); box plots when matplotlib is installed.
 """
 
 from __future__ import annotations
@@ -29,14 +38,17 @@ import numpy as np
 import soundfile as sf
 import soxr
 
-from quell.dns.baselines import BASELINES, run_baselines
-from quell.dns.metrics import pesq, si_sdr, stoi
-from quell.dns.mos import dnsmos
+from quell.dns.baselines import BASELINES, ECHO_BASELINES, run_baselines
+from quell.dns.metrics import erle, pesq, si_sdr, stoi
+from quell.dns.mos import aecmos, dnsmos
+from quell.dns.synth import ECHO_SCENARIOS
 from quell.streaming.catalog import find_model
+from quell.streaming.echo import EchoCanceller, aligned_output
 from quell.streaming.files import AUDIO_SUFFIXES, FileEnhancer, FileError
 
 METRIC_RATE = 16000  # every score is computed at 16 kHz (PESQ-WB and DNSMOS are defined there)
 METRICS = {  # column -> heading, decimals
+    "erle": ("ERLE", 1), "aecmos_echo": ("AECMOS echo", 2), "aecmos_degradation": ("AECMOS deg", 2),
     "pesq_wb": ("PESQ-WB", 2), "pesq_nb": ("PESQ-NB", 2), "stoi": ("STOI", 3), "estoi": ("ESTOI", 3),
     "si_sdr": ("SI-SDR", 1), "si_sdr_i": ("SI-SDRi", 1),
     "dnsmos_sig": ("SIG", 2), "dnsmos_bak": ("BAK", 2), "dnsmos_ovrl": ("OVRL", 2), "dnsmos_p808": ("P.808", 2),
@@ -46,7 +58,11 @@ DNSMOS_METRICS = ("dnsmos_sig", "dnsmos_bak", "dnsmos_ovrl", "dnsmos_p808")
 SNR_BUCKETS = (("SNR < 0 dB", -math.inf, 0.0), ("SNR 0-10 dB", 0.0, 10.0), ("SNR 10-20 dB", 10.0, 20.0),
                ("SNR >= 20 dB", 20.0, math.inf))
 ROOMS = ("reverberant", "dry")
-CONDITION_KEYS = ("snr_condition", "room", "noise_type")  # per-file columns that define report conditions
+CONDITION_KEYS = ("snr_condition", "room", "noise_type", "scenario")  # per-file columns that define conditions
+ERLE_SETTLE_SECONDS = 2.0  # left out of ERLE (at most half the clip): adaptive cancellers and quell's delay
+#                            estimator (1.75 s: a 1 s window behind 0.5 s of lags, confirmed twice) converge first
+INPUT_SYSTEMS = ("noisy", "mic")  # the unprocessed input: not an engine, so not timed
+_SILENT_RMS = 1e-4  # -80 dBFS: a clean reference this quiet is silence (far-end single talk)
 _EXAMPLES = 3  # names shown in a warning line
 
 
@@ -58,7 +74,8 @@ class Clip:
     noisy: Path
     clean: Path | None = None
     enhanced: Path | None = None
-    condition: dict = field(default_factory=dict)  # snr_db, snr_condition, room, noise_type, noise_layers
+    far_end: Path | None = None  # what was played, for echo cancellers
+    condition: dict = field(default_factory=dict)  # snr_db, snr_condition, room, noise_type, noise_layers, scenario
 
 
 @dataclass
@@ -125,18 +142,20 @@ def _folder(path: str | Path | None, what: str) -> Path | None:
     return path
 
 
-def pair_clips(noisy: Path, clean: Path | None = None, enhanced: Path | None = None) -> tuple[list[Clip], list[str]]:
+def pair_clips(noisy: Path, clean: Path | None = None, enhanced: Path | None = None,
+               far_end: Path | None = None) -> tuple[list[Clip], list[str]]:
     """Clips paired by relative path, and one warning line for names that are not in every folder (skipped)."""
     noisy_files = _audio_names(noisy)
     if not noisy_files:
         raise FileError(f"{noisy}: no audio files (.wav, .flac, .ogg) in this folder")
-    others = {what: _audio_names(folder) for what, folder in (("clean", clean), ("enhanced", enhanced))
-              if folder is not None}
+    others = {what: _audio_names(folder) for what, folder in (("clean", clean), ("enhanced", enhanced),
+                                                              ("far_end", far_end)) if folder is not None}
     unpaired = []
     for what, files in others.items():
         unpaired += [f"{name} (no {what})" for name in noisy_files if name not in files]
         unpaired += [f"{name} (only in {what})" for name in files if name not in noisy_files]
-    clips = [Clip(name, path, *(others[w].get(name) if w in others else None for w in ("clean", "enhanced")))
+    clips = [Clip(name, path, *(others[w].get(name) if w in others else None
+                                for w in ("clean", "enhanced", "far_end")))
              for name, path in noisy_files.items()]
     clips = [c for c in clips if all(getattr(c, what) is not None for what in others)]
     return clips, [_warning("file name", "not in every folder, skipped", unpaired)] if unpaired else []
@@ -185,6 +204,8 @@ def read_conditions(noisy: Path) -> dict[str, dict]:
                 condition["noise_layers"] = int(layers)
             if row.get("noise_layers"):
                 condition["noise_type"] = noise_type(row["noise_layers"])
+            if row.get("scenario") in ECHO_SCENARIOS:  # an echo set of `quell synth --echo`
+                condition["scenario"] = row["scenario"]
             if "file" in row:
                 conditions[row["file"]] = condition
     return conditions
@@ -202,6 +223,7 @@ class _Job:
     enhanced_name: str | None
     reference: bool
     use_dnsmos: bool
+    echo: bool = False  # a far end is given: the systems are echo cancellers
 
 
 @dataclass
@@ -212,12 +234,16 @@ class _ClipResult:
     timing: dict[str, tuple[float, float]] = field(default_factory=dict)  # system -> (audio s, engine s)
 
 
-_enhancer: FileEnhancer | None = None
+_enhancer: FileEnhancer | None = None  # the model, for a noise set
+_echo_model: str | None = None  # the model, for an echo set: one EchoCanceller per sample rate, reset per clip
+_cancellers: dict[int, EchoCanceller] = {}
 
 
-def _init_worker(model: str | None) -> None:
-    global _enhancer
-    _enhancer = FileEnhancer(model) if model else None
+def _init_worker(model: str | None, echo: bool = False) -> None:
+    global _enhancer, _echo_model
+    _enhancer = FileEnhancer(model) if model and not echo else None
+    _echo_model = model if echo else None
+    _cancellers.clear()
 
 
 def _read(path: Path) -> tuple[np.ndarray, int]:
@@ -246,17 +272,41 @@ def enhance_array(enhancer: FileEnhancer, audio: np.ndarray, sample_rate: int) -
     return out, stream.model_seconds
 
 
+def cancel_echo_array(canceller: EchoCanceller, mic: np.ndarray, reference: np.ndarray) -> tuple[np.ndarray, float]:
+    """A mono mic signal and its far end through the (fresh or reset) echo canceller, time-aligned with the mic;
+    and the seconds spent in the canceller (delay alignment included, and resampling when not at its rate)."""
+    start = time.perf_counter()
+    out = np.concatenate(list(aligned_output(canceller, [(mic, reference)], mic.size)))
+    return out, time.perf_counter() - start
+
+
+def _run_model(audio: np.ndarray, far: np.ndarray | None, rate: int) -> tuple[np.ndarray, float]:
+    """This worker's model on one clip: the denoiser, or the echo canceller with the far end."""
+    if _echo_model is None:
+        return enhance_array(_enhancer, audio, rate)
+    canceller = _cancellers.get(rate)
+    if canceller is None:
+        canceller = _cancellers[rate] = EchoCanceller(_echo_model, sample_rate=rate)
+    canceller.reset()
+    return cancel_echo_array(canceller, audio, far)
+
+
+def _rms(audio: np.ndarray) -> float:
+    return float(np.sqrt(np.mean(np.square(audio, dtype=np.float64))))
+
+
 def _score(clip: Clip, job: _Job) -> _ClipResult:
     result = _ClipResult()
     try:
         noisy, rate = _read(clip.noisy)
-        others = {what: _read(path) for what, path in (("clean", clip.clean), ("enhanced", clip.enhanced)) if path}
+        others = {what: _read(path) for what, path in (("clean", clip.clean), ("enhanced", clip.enhanced),
+                                                       ("far_end", clip.far_end)) if path}
     except FileError as error:
         result.problems.append(("file", "unreadable, skipped", str(error)))
         return result
     for what, (_, other_rate) in others.items():
         if other_rate != rate:
-            result.problems.append((f"{what} file", "at another rate than the noisy one, resampled",
+            result.problems.append((f"{what.replace('_', '-')} file", "at another rate than the noisy one, resampled",
                                     f"{clip.name} ({other_rate} Hz, noisy {rate} Hz)"))
     signals = {"noisy": noisy, **{what: _to_rate(audio, r, rate) for what, (audio, r) in others.items()}}
     n = min(s.size for s in signals.values())
@@ -264,18 +314,19 @@ def _score(clip: Clip, job: _Job) -> _ClipResult:
         lengths = ", ".join(f"{what} {s.size}" for what, s in signals.items())
         result.problems.append(("file", "of different lengths, cut to the shorter", f"{clip.name} ({lengths})"))
     noisy, seconds = signals["noisy"][:n], n / rate
+    far = signals["far_end"][:n] if job.echo else None
 
     outputs: dict[str, np.ndarray] = {}
-    for name, done in (run_baselines(job.baselines, noisy, rate) if job.baselines else {}).items():
+    for name, done in (run_baselines(job.baselines, noisy, rate, reference=far) if job.baselines else {}).items():
         if isinstance(done, str):
             result.failures[name] = done
             continue
         outputs[name] = done.audio
-        if name != "noisy":  # the input is not an engine
+        if name not in INPUT_SYSTEMS:
             result.timing[name] = (seconds, seconds / done.rtf)
-    if _enhancer is not None and job.model_name:
+    if job.model_name:
         try:
-            outputs[job.model_name], model_seconds = enhance_array(_enhancer, noisy, rate)
+            outputs[job.model_name], model_seconds = _run_model(noisy, far, rate)
             result.timing[job.model_name] = (seconds, model_seconds)
         except Exception as error:  # reported like a peer's failure; the other systems are still scored
             result.failures[job.model_name] = f"failed: {type(error).__name__}: {error}"
@@ -283,10 +334,26 @@ def _score(clip: Clip, job: _Job) -> _ClipResult:
         outputs[job.enhanced_name] = signals["enhanced"][:n]
 
     clean = _to_rate(signals["clean"][:n], rate, METRIC_RATE) if job.reference else None
-    noisy_si_sdr = float(si_sdr(_to_rate(noisy, rate, METRIC_RATE), clean)) if clean is not None else math.nan
+    mic = _to_rate(noisy, rate, METRIC_RATE)
+    scenario = clip.condition.get("scenario") if job.echo else None
+    silent_clean = job.echo and clean is not None and _rms(clean) < _SILENT_RMS
+    far_end_single_talk = scenario == "far_end" if scenario else silent_clean
+    if silent_clean:  # no near end to score against: the echo metrics say it all
+        clean = None
+    far16 = _to_rate(far, rate, METRIC_RATE) if scenario else None
+    settle = min(round(ERLE_SETTLE_SECONDS * METRIC_RATE), mic.size // 2)
+    noisy_si_sdr = float(si_sdr(mic, clean)) if clean is not None else math.nan
     for system, audio in outputs.items():
         audio = _to_rate(audio, rate, METRIC_RATE)
         row = {"file": clip.name, "system": system, **clip.condition, "seconds": round(seconds, 3)}
+        if far_end_single_talk:
+            row["erle"] = erle(mic[settle:], audio[settle:])
+        if scenario:
+            scores = aecmos(far16, mic, audio, scenario)
+            if scenario != "near_end":  # no echo to rate in near-end single talk
+                row["aecmos_echo"] = scores["echo"]
+            if scenario != "far_end":  # nothing else to degrade in far-end single talk
+                row["aecmos_degradation"] = scores["degradation"]
         if clean is not None:
             row["pesq_wb"] = pesq(audio, clean, METRIC_RATE, "wb")
             row["pesq_nb"] = pesq(audio, clean, METRIC_RATE, "nb")
@@ -320,11 +387,11 @@ class Evaluation:
     inputs: dict
 
     def conditions(self) -> list[str]:
-        """"all", then the SNR buckets, rooms and noise types that have clips, in a fixed order."""
+        """"all", then the SNR buckets, rooms, noise types and echo scenarios that have clips, in a fixed order."""
         present = {row.get(key) for row in self.rows for key in CONDITION_KEYS}
         noise_types = sorted({row["noise_type"] for row in self.rows if row.get("noise_type")})
         return (["all"] + [name for name, *_ in SNR_BUCKETS if name in present] + [r for r in ROOMS if r in present]
-                + noise_types)
+                + noise_types + [s for s in ECHO_SCENARIOS if s in present])
 
     def stats(self, system: str, condition: str = "all") -> dict[str, Stat]:
         rows = [row for row in self.rows if row["system"] == system and _in_condition(row, condition)]
@@ -369,6 +436,11 @@ class Evaluation:
                  "Speed: seconds of audio per second of engine time, the engine alone (resampling excluded), "
                  f"timed {'in one process' if jobs == 1 else f'with {jobs} worker processes at once'}.", "",
                  self.markdown()]
+        if self.inputs.get("far_end"):
+            parts[4:4] = [f"Echo cancellers, with the far end in {self.inputs['far_end']}: ERLE (dB) on far-end "
+                          f"single talk after each clip's first {ERLE_SETTLE_SECONDS:g} s (convergence); AECMOS echo "
+                          "on far-end single talk and double talk, AECMOS deg(radation) on near-end single talk and "
+                          "double talk; quell's canceller is timed whole (its delay alignment included).", ""]
         for condition in self.conditions()[1:]:
             n = len({row["file"] for row in self.rows if _in_condition(row, condition)})
             parts += ["", f"## {condition} ({_count(n, 'file')})", "", self.markdown(condition)]
@@ -462,11 +534,16 @@ def _plots(evaluation: Evaluation, out: Path) -> list[Path] | str:
 
 def evaluate(
     noisy: str | Path, clean: str | Path | None = None, enhanced: str | Path | None = None,
-    model: str | Path | None = None, baselines: Iterable[str] = ("noisy",), limit: int | None = None,
+    model: str | Path | None = None, baselines: Iterable[str] | None = None, limit: int | None = None,
     jobs: int = 1, use_dnsmos: bool = True, progress: Callable[[int, int], None] | None = None,
+    far_end: str | Path | None = None,
 ) -> Evaluation:
-    """Score the systems on every clip of `noisy`: the `baselines` (names of `BASELINES`), and the outputs in
-    `enhanced` or the `model` (a shipped name or a card) run here.
+    """Score the systems on every clip of `noisy`: the `baselines` (names of `BASELINES`; default "noisy"), and
+    the outputs in `enhanced` or the `model` (a shipped name or a card) run here.
+
+    With `far_end` (what was played, paired by name; `noisy` is then the mic) the systems are echo cancellers:
+    `baselines` are names of `ECHO_BASELINES` (default "mic"), the model must take a reference, and ERLE and
+    AECMOS are scored per clip as its scenario allows (module docstring).
 
     Without `clean` only DNSMOS is computed; with `use_dnsmos=False` only the reference metrics. `limit` takes the
     first clips by name; `jobs` worker processes score clips in parallel (each engine's speed is then timed
@@ -475,37 +552,48 @@ def evaluate(
     """
     noisy_dir = _folder(noisy, "noisy")
     clean_dir, enhanced_dir = _folder(clean, "clean"), _folder(enhanced, "enhanced")
-    baselines = list(dict.fromkeys(baselines))
+    far_end_dir = _folder(far_end, "far-end")
+    echo = far_end_dir is not None
+    registry = ECHO_BASELINES if echo else BASELINES
+    baselines = list(dict.fromkeys(baselines if baselines is not None else ["mic" if echo else "noisy"]))
     if enhanced_dir is not None and model is not None:
         raise ValueError("give --enhanced (a folder of outputs) or --model (a model to run), not both")
-    unknown = [name for name in baselines if name not in BASELINES]
+    unknown = [name for name in baselines if name not in registry]
     if unknown:
-        raise ValueError(f"unknown baseline(s) {', '.join(unknown)}; known: {', '.join(BASELINES)}")
-    if clean_dir is None and not use_dnsmos:
+        raise ValueError(f"unknown {'echo ' if echo else ''}baseline(s) {', '.join(unknown)}; "
+                         f"known: {', '.join(registry)}")
+    if clean_dir is None and not use_dnsmos and not echo:
         raise ValueError("nothing to compute: without --clean only DNSMOS can be, and it is turned off")
     card = find_model(model) if model is not None else None
+    if card is not None and echo and not card.reference_input:
+        raise ValueError(f"model {card.name!r} takes no far-end reference: --far-end needs an echo canceller")
     model_name = _unique(card.name, baselines) if card is not None else None
     enhanced_name = _unique(enhanced_dir.resolve().name or "enhanced", baselines) if enhanced_dir else None
     if not baselines and card is None and enhanced_dir is None:
         raise ValueError("nothing to evaluate: give --enhanced, --model or --baselines")
 
-    clips, warnings = pair_clips(noisy_dir, clean_dir, enhanced_dir)
+    clips, warnings = pair_clips(noisy_dir, clean_dir, enhanced_dir, far_end_dir)
     clips = clips[:limit] if limit else clips
     if not clips:
         raise FileError(f"{noisy_dir}: no file has its counterpart in every folder ({warnings[0]})")
     conditions = read_conditions(noisy_dir)
     for clip in clips:
         clip.condition = conditions.get(clip.name, {})
+    without_scenario = [clip.name for clip in clips if "scenario" not in clip.condition] if echo else []
+    if without_scenario:
+        warnings.append(_warning("file", "without a scenario (the `scenario` column of a metadata.csv in or beside "
+                                 "the mic folder): no AECMOS, ERLE only where the clean reference is silent",
+                                 without_scenario))
     job = _Job(baselines, str(card.path) if card is not None else None, model_name, enhanced_name,
-               clean_dir is not None, use_dnsmos)
+               clean_dir is not None, use_dnsmos, echo)
     systems = {name: SystemReport(name) for name in [*baselines, model_name, enhanced_name] if name}
 
     if jobs <= 1:
-        _init_worker(job.model)
+        _init_worker(job.model, echo)
         results: Iterable[_ClipResult] = (_score_in_worker(clip, job) for clip in clips)
         executor = None
     else:
-        executor = ProcessPoolExecutor(jobs, initializer=_init_worker, initargs=(job.model,))
+        executor = ProcessPoolExecutor(jobs, initializer=_init_worker, initargs=(job.model, echo))
         results = executor.map(_score_in_worker, clips, repeat(job))
     rows, problems = [], defaultdict(list)
     if progress is not None:
@@ -539,12 +627,14 @@ def evaluate(
         elif system.failures:
             warnings.append(_warning("file", f"where {system.name} failed (scored on the others)", system.failures))
     metrics = [m for m in METRICS if any(m in row for row in rows)]
-    undefined = [f"{row['file']} {row['system']} {m}" for row in rows for m in metrics if not math.isfinite(row[m])]
+    undefined = [f"{row['file']} {row['system']} {m}" for row in rows for m in metrics
+                 if m in row and not math.isfinite(row[m])]
     if undefined:
         warnings.append(_warning("score", "undefined (NaN, e.g. PESQ of a reference without speech), left out of "
                                  "the means", undefined))
     inputs = {"noisy": str(noisy_dir), "clean": str(clean_dir) if clean_dir else None,
               "enhanced": str(enhanced_dir) if enhanced_dir else None,
+              "far_end": str(far_end_dir) if far_end_dir else None,
               "model": str(card.path) if card is not None else None, "baselines": baselines, "files": len(clips),
               "limit": limit, "jobs": jobs, "metric_rate": METRIC_RATE, "date": time.strftime("%Y-%m-%d %H:%M:%S")}
     return Evaluation(rows, systems, metrics, warnings, inputs)

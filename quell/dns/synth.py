@@ -614,38 +614,47 @@ def write_dataset(
     Clip i uses a seed derived from (`seed`, i), recorded in the CSV with every other parameter, so any
     clip can be regenerated with `synth.mixture(seed)`. Refuses a non-empty `out_dir` unless `overwrite`.
     """
+    return _write_clips(out_dir, synth.mixture, {"noisy": "noisy", "clean": "clean", "noise": "noise"},
+                        synth.config.sample_rate, asdict(synth.config), n_clips, seed, overwrite)
+
+
+def _write_clips(
+    out_dir: str | Path, mixture: Callable[[int], Mixture | EchoMixture], folders: dict[str, str],
+    sample_rate: int, config: dict, n_clips: int, seed: int, overwrite: bool,
+) -> Path:
+    """The writer of `write_dataset` and `write_echo_dataset`: for each clip, every signal named in `folders`
+    ({folder: attribute of the mixture}) as 16-bit WAV, then metadata.csv (one row per clip, every parameter)
+    and config.json; all atomically."""
     out = Path(out_dir)
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise ValueError(f"{out} is not empty; pass overwrite=True to write into it")
-    folders = {name: out / name for name in ("noisy", "clean", "noise")}
-    for folder in folders.values():
-        folder.mkdir(parents=True, exist_ok=True)
-        for stale in folder.glob("clip_*.wav"):
+    for folder in folders:
+        (out / folder).mkdir(parents=True, exist_ok=True)
+        for stale in (out / folder).glob("clip_*.wav"):
             stale.unlink()
 
-    rate = synth.config.sample_rate
     rows = []
     for index in range(n_clips):
         clip_seed = int(np.random.SeedSequence([seed, index]).generate_state(1)[0])
-        mixture = synth.mixture(clip_seed)
+        made = mixture(clip_seed)
         name = f"clip_{index:05d}.wav"
-        for signal_name, folder in folders.items():
-            signal = getattr(mixture, signal_name)
+        for folder, signal_name in folders.items():
+            signal = getattr(made, signal_name)
             _write_atomically(
-                folder / name, lambda path, s=signal: sf.write(path, s, rate, subtype="PCM_16", format="WAV")
+                out / folder / name,
+                lambda path, s=signal: sf.write(path, s, sample_rate, subtype="PCM_16", format="WAV"),
             )
-        rows.append({"file": name, **mixture.params})
+        rows.append({"file": name, **made.params})
 
     def write_csv(path: Path) -> None:
-        with open(path, "w", newline="") as file:
-            writer = csv.DictWriter(file, fieldnames=list(rows[0]) if rows else ["file"])
+        with open(path, "w", newline="") as file:  # parameters that only some clips have are empty in the others
+            writer = csv.DictWriter(file, fieldnames=list(dict.fromkeys(key for row in rows for key in row))
+                                    or ["file"])
             writer.writeheader()
             writer.writerows(rows)
 
     _write_atomically(out / "metadata.csv", write_csv)
-    _write_atomically(
-        out / "config.json", lambda path: path.write_text(json.dumps(asdict(synth.config), indent=2))
-    )
+    _write_atomically(out / "config.json", lambda path: path.write_text(json.dumps(config, indent=2)))
     return out
 
 
@@ -804,3 +813,18 @@ class EchoSynthesizer:
         delay = int(round(rng.uniform(*config.delay) * rate))
         params["delay"] = round(delay / rate, 4)
         return np.concatenate([np.zeros(delay), echo])[:n].astype(np.float32)
+
+
+def write_echo_dataset(
+    out_dir: str | Path, synth: EchoSynthesizer, n_clips: int, seed: int = 0, overwrite: bool = False
+) -> Path:
+    """Write `n_clips` echo scenarios: mic/, far_end/ (what was played), clean/ (the near-end target: silence in
+    far-end single talk), echo/ (16-bit WAV), metadata.csv (`scenario`, `delay`, `ser_db`, ... per clip) and
+    config.json. The folders are what `quell eval --noisy mic --far-end far_end --clean clean` pairs by name.
+
+    Seeds, regeneration and the refusal of a non-empty `out_dir` are those of `write_dataset`.
+    """
+    config = {**asdict(synth.config), "near": asdict(synth.near.config)}  # the near end as used (clip length)
+    return _write_clips(out_dir, synth.mixture, {"mic": "mic", "far_end": "reference", "clean": "near",
+                                                 "echo": "echo"},
+                        synth.near.config.sample_rate, config, n_clips, seed, overwrite)

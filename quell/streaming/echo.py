@@ -14,6 +14,7 @@ correlates is never aligned (it reports low confidence).
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -110,3 +111,27 @@ class EchoCanceller(Denoiser):
         slope = (self.drift_ppm or 0.0) * 1e-6
         samples = now - hop + np.arange(hop)
         return self._line.read(estimate.delay * rate + slope * (samples - self._anchor_time))
+
+
+def aligned_output(
+    canceller: EchoCanceller, chunks: Iterable[tuple[np.ndarray, np.ndarray | None]], frames: int
+) -> Iterator[np.ndarray]:
+    """The output for (mic, reference) chunks in the mic's timing, `frames` samples in all (files and arrays).
+
+    The stream's latency (`round(latency_samples)`) is dropped from the start and its tail flushed out at the
+    end, so output sample i answers mic sample i. `chunks` is consumed lazily: it may read a file block by block.
+    """
+    to_drop, left = round(canceller.latency_samples), frames
+
+    def outputs() -> Iterator[np.ndarray]:
+        for mic, reference in chunks:
+            yield canceller.process(mic, reference)
+        yield canceller.flush()
+
+    for out in outputs():
+        dropped = min(to_drop, len(out))
+        to_drop -= dropped
+        out = out[dropped:][:left]
+        left -= len(out)
+        if len(out):
+            yield out

@@ -149,28 +149,22 @@ class FileEnhancer:
     def _run_echo(self, src: Path, info: sf._SoundFileInfo, writer: sf.SoundFile, reference: str | Path | None,
                   reference_info: sf._SoundFileInfo | None, report: Callable[[str], None]) -> None:
         """The streaming EchoCanceller over the file, its latency trimmed so the output aligns with the mic."""
-        from quell.streaming.echo import EchoCanceller
+        from quell.streaming.echo import EchoCanceller, aligned_output
 
         rate, channels, block = info.samplerate, info.channels, int(_BLOCK_SECONDS * info.samplerate)
         canceller = EchoCanceller(self.card, sample_rate=rate, channels=channels)
         far = _ReferenceReader(reference, reference_info, rate, info.frames, src, report)
-        to_drop, written = round(canceller.latency_samples), 0
         clip = not writer.subtype.startswith(("FLOAT", "DOUBLE", "VORBIS"))
 
-        def write(out: np.ndarray) -> None:
-            nonlocal to_drop, written
-            dropped = min(to_drop, len(out))
-            to_drop -= dropped
-            out = out[dropped:][: info.frames - written]
-            writer.write(np.clip(out, -1.0, 1.0) if clip else out)
-            written += len(out)
+        def chunks():
+            with sf.SoundFile(src) as reader:
+                for mic in reader.blocks(block, dtype="float32", always_2d=True):
+                    if not np.isfinite(mic).all():
+                        raise FileError(f"{src}: contains NaN or Inf samples")
+                    yield mic, far.read(len(mic))
 
-        with sf.SoundFile(src) as reader:
-            for mic in reader.blocks(block, dtype="float32", always_2d=True):
-                if not np.isfinite(mic).all():
-                    raise FileError(f"{src}: contains NaN or Inf samples")
-                write(canceller.process(mic, far.read(len(mic))))
-        write(canceller.flush())
+        for out in aligned_output(canceller, chunks(), info.frames):
+            writer.write(np.clip(out, -1.0, 1.0) if clip else out)
         far.close()
 
 
