@@ -10,6 +10,20 @@ import click
 from quell.streaming.files import FileError, enhance_files, plan_outputs
 
 
+def _command_line(ctx: click.Context, skip: tuple[str, ...] = ()) -> str:
+    """The command as it could be typed again: `quell <command>` and the options given (not the defaults)."""
+    import shlex
+
+    words = ["quell", ctx.info_name]
+    for name, value in ctx.params.items():
+        defaults = {p.name: p.default for p in ctx.command.params}
+        if name in skip or value is None or value is False or value == defaults.get(name):
+            continue
+        flag = "--" + name.replace("_", "-")
+        words += [flag] if value is True else [flag, str(value)]
+    return shlex.join(words)
+
+
 class _Group(click.Group):
     """Turns expected errors (bad input) into one line and exit status 2, never a traceback."""
 
@@ -171,8 +185,11 @@ def synth(output, clips, speech, noise, music, rir, dns_root, seed, snr, level, 
 @click.option("--limit", default=None, type=click.IntRange(1), help="Only the first N clips (by name).")
 @click.option("-j", "--jobs", default=1, show_default=True, type=click.IntRange(1, 256), help="Worker processes.")
 @click.option("--no-dnsmos", is_flag=True, help="Skip DNSMOS (its slowest metric).")
+@click.option("--update-card", is_flag=True,
+              help="Record the model's scores (and the peers') in its model card, with this command line.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def evaluate(noisy, clean, far_end, enhanced, model, baselines, out, limit, jobs, no_dnsmos, quiet) -> None:
+def evaluate(noisy, clean, far_end, enhanced, model, baselines, out, limit, jobs, no_dnsmos, update_card,
+             quiet) -> None:
     """Objective scores (PESQ, STOI, SI-SDR, DNSMOS; ERLE, AECMOS) of enhanced speech, peers side by side."""
     from tqdm import tqdm
 
@@ -197,6 +214,14 @@ def evaluate(noisy, clean, far_end, enhanced, model, baselines, out, limit, jobs
         click.echo(f"warning: {line}", err=True)
     click.echo(f"wrote {', '.join(path.name for path in written)} to {out}")
     click.echo(evaluation.markdown())
+    if update_card:
+        from quell.dns.evaluate import record_scores
+
+        if model is None:
+            raise click.UsageError("--update-card needs --model")
+        command = _command_line(click.get_current_context(), skip=("update_card", "quiet"))
+        card = record_scores(model, evaluation, command)
+        click.echo(f"scores recorded in {card.path}")
 
 
 @main.command()

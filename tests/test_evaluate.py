@@ -229,3 +229,23 @@ def test_bad_arguments_are_one_error_line(dataset, tmp_path, args, words):
     result = run_eval(*(a.format(tmp=tmp_path, set=dataset) for a in args))
     assert_one_error(result, 2, *words)
     assert not (tmp_path / "out").exists()
+
+
+def test_update_card_records_the_scores_and_the_command(dataset, tiny_dtln_card, tmp_path, monkeypatch):
+    import shutil
+
+    from quell.streaming.card import ModelCard
+
+    for path in Path(tiny_dtln_card).parent.glob("tiny*"):  # a copy: the session's card stays as it is
+        shutil.copy(path, tmp_path / path.name)
+    card_path = tmp_path / "tiny.json"
+    monkeypatch.setattr(evaluate, "dnsmos", fake_dnsmos)
+    result = run_eval("--noisy", dataset / "noisy", "--clean", dataset / "clean", "--model", card_path,
+                      "--baselines", "noisy", "--out", tmp_path / "out", "--update-card")
+    assert result.exit_code == 0, result.output
+    recorded = ModelCard.load(card_path).scores[dataset.name]
+    assert recorded["command"] == (f"quell eval --noisy {dataset / 'noisy'} --clean {dataset / 'clean'} "
+                                   f"--model {card_path} --baselines noisy --out {tmp_path / 'out'}")
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())["systems"]
+    assert recorded["model"]["scores"]["pesq_wb"]["mean"] == summary["tiny"]["conditions"]["all"]["pesq_wb"]["mean"]
+    assert recorded["peers"]["noisy"]["scores"]["si_sdr_i"]["mean"] == 0.0

@@ -42,6 +42,7 @@ from quell.dns.baselines import BASELINES, ECHO_BASELINES, run_baselines
 from quell.dns.metrics import erle, pesq, si_sdr, stoi
 from quell.dns.mos import aecmos, dnsmos
 from quell.dns.synth import ECHO_SCENARIOS
+from quell.streaming.card import ModelCard
 from quell.streaming.catalog import find_model
 from quell.streaming.echo import EchoCanceller, aligned_output
 from quell.streaming.files import AUDIO_SUFFIXES, FileEnhancer, FileError
@@ -643,3 +644,20 @@ def evaluate(
 def _unique(name: str, taken: list[str]) -> str:
     """A system name that no baseline has: the model or folder name, marked when it would clash."""
     return name if name not in taken else f"{name} (quell)"
+
+
+def record_scores(model: str | Path, evaluation: Evaluation, command: str) -> ModelCard:
+    """Put an evaluation into the model's card: its scores (mean, 95% CI, n) and the peers', under the set's
+    name, with the command that made them. Returns the card, saved."""
+    card = find_model(model)
+    summary = evaluation.summary()
+    systems = {name: {"status": entry["status"], "x_real_time": entry["x_real_time"],
+                      **({"scores": entry["conditions"]["all"]} if entry["conditions"] else {})}
+               for name, entry in summary.items()}
+    own = next(name for name in evaluation.systems if name not in BASELINES and name not in ECHO_BASELINES)
+    card.scores[Path(evaluation.inputs["noisy"]).parent.name or "evaluation"] = {
+        "command": command, "files": systems[own].get("scores", {}).get("files"), "date": time.strftime("%Y-%m-%d"),
+        "model": systems.pop(own), "peers": systems,
+    }
+    card.save(card.path)
+    return card
