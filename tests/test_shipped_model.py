@@ -20,7 +20,9 @@ def _pink_noise(seconds: float, level_db: float, seed: int = 0) -> np.ndarray:
     rng = np.random.default_rng(seed)
     n = int(seconds * RATE)
     spectrum = np.fft.rfft(rng.standard_normal(n))
-    spectrum[1:] /= np.sqrt(np.arange(1, spectrum.size))
+    frequency = np.fft.rfftfreq(n, 1 / RATE)
+    spectrum[frequency < 50] = 0.0  # as from a microphone: no sub-audio drift dominating the level
+    spectrum[frequency >= 50] /= np.sqrt(frequency[frequency >= 50])
     noise = np.fft.irfft(spectrum, n)
     return (noise * 10 ** ((level_db - _level_db(noise)) / 20)).astype(np.float32)
 
@@ -58,13 +60,15 @@ def test_voiced_signal_keeps_its_level_within_3_db():
     assert abs(_level_db(out[settled]) - _level_db(voiced[settled])) <= 3.0
 
 
-def test_voiced_signal_in_noise_gets_cleaner_at_48_khz():
+@pytest.mark.parametrize("rate", [16000, 48000])
+def test_voiced_signal_in_noise_gets_cleaner_at_any_rate(rate):
     import soxr
 
-    voiced, noise = _voiced(3.0, -25.0), _pink_noise(3.0, -35.0, seed=1)
-    noisy = soxr.resample(voiced + noise, RATE, 48000).astype(np.float32)
-    out = soxr.resample(_enhance(noisy, 48000), 48000, RATE)[: len(voiced)]
+    from quell.dns.metrics import si_sdr
+
+    voiced, noise = _voiced(3.0, -25.0), _pink_noise(3.0, -25.0, seed=1)  # 0 dB SNR
+    noisy = soxr.resample(voiced + noise, RATE, rate).astype(np.float32)
+    out = soxr.resample(_enhance(noisy, rate), rate, RATE)[: len(voiced)]
+    back = soxr.resample(noisy, rate, RATE)[: len(voiced)]
     settled = slice(RATE // 2, len(voiced) - RATE // 10)
-    residual_in = _level_db((noisy_16 := soxr.resample(noisy, 48000, RATE)[: len(voiced)])[settled] - voiced[settled])
-    residual_out = _level_db(out[settled] - voiced[settled])
-    assert residual_out < residual_in - 3.0, (residual_in, residual_out, noisy_16.size)
+    assert si_sdr(out[settled], voiced[settled]) > si_sdr(back[settled], voiced[settled]) + 3.0
