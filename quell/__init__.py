@@ -4,6 +4,7 @@
     denoiser = quell.Denoiser("dtln", sample_rate=48000)
     clean_chunk = denoiser.process(noisy_chunk)        # any chunk length; same length out
     quell.enhance_file("noisy.wav", "clean.wav")        # offline, time-aligned
+    engine = quell.LiveEngine("dtln", sample_rate=48000, block=480)  # inside an app's own audio callback
 """
 
 from __future__ import annotations
@@ -15,8 +16,9 @@ from quell.streaming.catalog import list_models
 from quell.streaming.denoiser import Denoiser
 from quell.streaming.echo import EchoCanceller
 from quell.streaming.files import FileEnhancer
+from quell.streaming.live import LiveEngine
 
-__all__ = ["Denoiser", "EchoCanceller", "ModelCard", "enhance_file", "list_models"]
+__all__ = ["Denoiser", "EchoCanceller", "LiveEngine", "ModelCard", "enhance_file", "list_models"]
 
 
 def enhance_file(

@@ -239,6 +239,91 @@ def bench(model, hops, seconds, as_json) -> None:
     click.echo(json.dumps(results, indent=2) if as_json else format_report(results))
 
 
+@main.command()
+@click.option("-m", "--model", default="dtln", show_default=True, help="Shipped model name or a .json card.")
+@click.option("-i", "--input", "input_device", default=None,
+              help="Input device: index or part of its name (`quell devices`); default: the system's.")
+@click.option("-o", "--output", "output_device", default=None,
+              help="Output device (default: the system's, unless only --record is given).")
+@click.option("--record", type=click.Path(dir_okay=False), default=None,
+              help="Also write what is played (or, without an output device, the enhanced input) to a WAV file.")
+@click.option("--record-input", type=click.Path(dir_okay=False), default=None,
+              help="Write the unprocessed input to a WAV file, on the same timeline as --record.")
+@click.option("--overwrite", is_flag=True, help="Replace recordings that exist.")
+@click.option("--virtual-mic", is_flag=True,
+              help='Play into a virtual microphone named "quell" that other apps can record (PulseAudio/PipeWire).')
+@click.option("--rate", type=click.IntRange(1), default=None, help="Device sample rate (default: 48000 if possible).")
+@click.option("--channels", default=1, show_default=True, type=click.IntRange(1, 64),
+              help="Channels (each its own stream).")
+@click.option("--block-ms", default=10.0, show_default=True, type=click.FloatRange(0.1, 1000),
+              help="Device block size.")
+@click.option("--buffer-ms", default=20.0, show_default=True, type=click.FloatRange(0, 2000),
+              help="Head start of the output over the model, beyond one block: less is lower latency, more xruns.")
+@click.option("--attenuation-limit", type=click.FloatRange(0), default=None,
+              help="Suppression strength: remove at most this many dB of noise (default: no limit).")
+@click.option("--bypass", is_flag=True, help="Start in bypass (the input passes through at the same latency).")
+@click.option("--aec", is_flag=True, help="Cancel the echo of what the output device plays.")
+@click.option("--device", "compute", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
+              help="Where the model runs (cuda needs onnxruntime-gpu).")
+@click.option("--duration", type=click.FloatRange(0, min_open=True), default=None,
+              help="Stop after this many seconds of audio (default: run until Ctrl-C, SIGTERM or q).")
+@click.option("--json", "as_json", is_flag=True, help="Print the final stats as JSON.")
+def live(model, input_device, output_device, record, record_input, overwrite, virtual_mic, rate, channels, block_ms,
+         buffer_ms, attenuation_limit, bypass, aec, compute, duration, as_json) -> None:
+    """Enhance a microphone in real time: to an output device, a WAV file, or a virtual microphone.
+
+    On a terminal, b toggles bypass, + and - step the suppression strength, q quits; SIGUSR1 toggles bypass.
+    The status line shows the per-hop cost, the end-to-end latency and its parts, and xruns.
+    """
+    import dataclasses
+    import json
+
+    from quell.streaming.catalog import find_model, list_models
+    from quell.streaming.live import LiveSession
+
+    if aec:
+        echo_models = [card.name for card in list_models() if card.task == "echo"]
+        if not echo_models:
+            raise ValueError("no echo-cancellation model is installed yet")
+        raise ValueError(f"echo cancellation in quell live is not built yet (installed: {', '.join(echo_models)})")
+    find_model(model)  # an unknown model fails before any device is opened
+    providers = None
+    if compute == "cuda":
+        import onnxruntime
+
+        available = onnxruntime.get_available_providers()
+        if "CUDAExecutionProvider" not in available:
+            raise ValueError(f"--device cuda needs onnxruntime-gpu (this onnxruntime has {', '.join(available)})")
+        providers = ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    session = LiveSession(model, input_device, output_device, record, record_input, overwrite, rate, channels,
+                          block_ms, buffer_ms, attenuation_limit, providers, virtual_mic, bypass)
+    terminal = sys.stderr.isatty()
+
+    def report(stats) -> None:
+        if terminal:
+            click.echo(f"\r{stats.line()}\033[K", err=True, nl=False)
+        else:
+            click.echo(stats.line(), err=True)
+
+    try:
+        stats = session.run(duration, report, report_every=0.5 if terminal else 10.0,
+                            keys=sys.stdin.isatty())
+    finally:
+        if terminal:
+            click.echo("", err=True)
+    click.echo(json.dumps(dataclasses.asdict(stats) | {"latency_ms": stats.latency_ms, "xruns": stats.xruns})
+               if as_json else stats.line())
+
+
+@main.command()
+def devices() -> None:
+    """List the audio devices (< default input, > default output)."""
+    from quell.streaming.live import list_devices
+
+    lines = list_devices()
+    click.echo("\n".join(lines) if lines else "no audio devices found")
+
+
 @main.group()
 def p808() -> None:
     """P.808 listening tests: build ACR/CCR/P.835 tests, serve them to raters, analyse the votes."""

@@ -5,6 +5,10 @@ from __future__ import annotations
 import pytest
 
 
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: a test that takes tens of seconds (deselect with -m 'not slow')")
+
+
 @pytest.fixture(scope="session")
 def tiny_dtln(tmp_path_factory):
     """A small randomly initialised DTLN and its exported card (step + sequence graphs)."""

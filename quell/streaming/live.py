@@ -1,0 +1,689 @@
+"""`quell live`: enhance a microphone in real time, into an output device, a WAV file or a virtual microphone.
+
+Two threads meet at ring buffers:
+
+    audio callback:  device in -> push -> [input ring] ................ [output ring] -> pull -> device out
+    worker thread:                        [input ring] -> Denoiser ---> [output ring]
+
+The callback only copies samples (no lock, no array allocation, never waits); the worker runs the model hop by
+hop on whatever has arrived, so the device block size has nothing to do with the model's hop. The output ring
+starts with `buffering` samples of silence (one device block plus a margin for the worker's scheduling jitter
+and bursty callbacks), so output sample i is always the enhanced input sample i - latency. A block that is
+not ready in time is played as silence and counted; its samples are skipped when they arrive, so lateness
+never accumulates into drift: after hours the latency is what it was after a second. (This counts samples, so
+it takes input and output on one clock: one duplex stream, as here, where PortAudio absorbs any difference
+between two devices.) When the worker falls so far behind that the model's output could only be skipped, it
+passes the late input through a dry path with the model's delay instead (cheap), and after three such
+catch-ups within ten seconds it leaves the model out for ten seconds. Output ring underflows, input ring
+overflows and the device's own xruns are all counted.
+
+`LiveEngine` is the part without devices, for an application's own audio callback; `LiveSession` adds the
+devices (sounddevice), the WAV sinks, the virtual microphone, the controls and the status line.
+"""
+
+from __future__ import annotations
+
+import atexit
+import collections
+import contextlib
+import math
+import os
+import select
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import soundfile as sf
+
+from quell.streaming.card import ModelCard
+from quell.streaming.denoiser import Denoiser
+from quell.streaming.ringbuffer import RingBuffer, SampleFifo
+from quell.streaming.virtualmic import VirtualMicrophone, default_source
+
+_RING_SECONDS = 2.0  # input and output rings hold this much audio beyond the buffering
+_CATCHUPS_TO_BYPASS, _OVERLOAD_WINDOW, _BYPASS_SECONDS = 3, 10.0, 10.0
+_COST_HISTORY = 4096  # hop costs kept for the p50/p99 (about 30 s of DTLN hops)
+
+
+class LiveError(OSError):
+    """A device that is missing, cannot do what was asked, or stopped; a worker that failed. One line."""
+
+
+@dataclass
+class LiveStats:
+    """Where a live stream stands: cost, latency and its parts, and every kind of xrun."""
+
+    seconds: float  # audio through the engine so far
+    hop_p50_ms: float  # cost of one model hop (all channels, resampling included), median and 99th percentile
+    hop_p99_ms: float
+    algorithmic_ms: float  # the model's delay and hop buffering, plus the resamplers (Denoiser.latency)
+    buffering_ms: float  # the output ring's head start over the worker (0 without an output device)
+    late: int = 0  # output blocks that the worker had not filled in time (played partly as silence)
+    dropped: int = 0  # input blocks that found the input ring full (the worker stalled for seconds)
+    catchups: int = 0  # times the worker passed late input through the dry path to get back on time
+    overloaded: bool = False  # the model is left out for a while: it could not keep up
+    bypass: bool = False
+    attenuation_limit_db: float | None = None
+    device_in_ms: float = 0.0  # capture latency of the device, as the device reports it
+    device_out_ms: float = 0.0  # playback latency of the device, as the device reports it
+    device_xruns: int = 0  # over- and underflows that the device reported
+
+    @property
+    def latency_ms(self) -> float:
+        """End to end: device in + algorithmic + buffering + device out."""
+        return self.device_in_ms + self.algorithmic_ms + self.buffering_ms + self.device_out_ms
+
+    @property
+    def xruns(self) -> int:
+        return self.late + self.dropped + self.device_xruns
+
+    def line(self) -> str:
+        """One status line."""
+        state = "OVERLOADED, model bypassed" if self.overloaded else ("bypass" if self.bypass else "on")
+        limit = "none" if self.attenuation_limit_db is None else f"{self.attenuation_limit_db:g} dB"
+        return (f"{self.seconds:7.1f} s | hop {self.hop_p50_ms:.2f}/{self.hop_p99_ms:.2f} ms p50/p99 | latency "
+                f"{self.latency_ms:.0f} ms = in {self.device_in_ms:.0f} + model {self.algorithmic_ms:.0f} + buffer "
+                f"{self.buffering_ms:.0f} + out {self.device_out_ms:.0f} | xruns {self.xruns} (late {self.late}, "
+                f"dropped {self.dropped}, device {self.device_xruns}) | {state} | limit {limit}")
+
+
+class _Recording:
+    """A float WAV written under a temporary name and renamed into place when closed (DESIGN: atomic writes)."""
+
+    def __init__(self, path: str | Path, rate: int, channels: int, overwrite: bool):
+        self.path = Path(path)
+        if self.path.exists() and not overwrite:
+            raise FileExistsError(f"{self.path}: exists (use --overwrite to replace it)")
+        self._tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.part")
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._file = sf.SoundFile(self._tmp, "w", rate, channels, "FLOAT", format="WAV")
+
+    def write(self, samples: np.ndarray) -> None:
+        self._file.write(samples)
+
+    def close(self) -> None:
+        self._file.close()
+        os.replace(self._tmp, self.path)
+
+    def discard(self) -> None:
+        self._file.close()
+        self._tmp.unlink(missing_ok=True)
+
+
+class LiveEngine:
+    """Real-time enhancement between an audio callback and a worker thread: push the mic, pull the result.
+
+        engine = LiveEngine("dtln", sample_rate=48000, block=480)   # 10 ms blocks
+        engine.start()
+        def audio_callback(mic, speaker):      # the application's own callback, [480] or [480, channels]
+            engine.push(mic)                   # lock-free, allocates no array, never waits
+            engine.pull(speaker)               # the enhanced mic, engine.latency seconds later
+        engine.stop()
+
+    One thread pushes and one thread pulls (the same or two), on one clock: as many samples pushed as pulled
+    over time, as a duplex callback does (see the module for why). `playback=False` is for a sink without a
+    device: nothing pulls, and the worker writes the enhanced stream to `record` instead. `record` keeps what
+    `pull` handed out (or, without playback, the enhanced stream) and `record_input` what was pushed, both as
+    float WAV files on the same timeline. If the worker fails, the exception is kept in `error` and `pull` goes
+    on handing out silence (counted as late), since an audio callback cannot take an exception.
+    """
+
+    def __init__(
+        self, model: str | Path | ModelCard = "dtln", sample_rate: int = 48000, channels: int = 1, block: int = 480,
+        buffer_ms: float = 20.0, playback: bool = True, record: str | Path | None = None,
+        record_input: str | Path | None = None, overwrite: bool = False, providers: list[str] | None = None,
+        attenuation_limit_db: float | None = None,
+    ):
+        if block < 1:
+            raise ValueError(f"the block must be at least one sample, got {block}")
+        if buffer_ms < 0:
+            raise ValueError(f"the buffer cannot be negative, got {buffer_ms} ms")
+        if not playback and record is None:
+            raise ValueError("without playback, give a file to record to")
+        self.denoiser = Denoiser(model, sample_rate, channels, providers=providers,
+                                 attenuation_limit_db=attenuation_limit_db)
+        self.sample_rate, self.channels, self.block, self.playback = sample_rate, channels, block, playback
+        self.buffering = block + round(buffer_ms * sample_rate / 1000) if playback else 0  # samples
+        ring = max(int(_RING_SECONDS * sample_rate), 8 * block)
+        self._input = RingBuffer(ring, channels)
+        self._output = RingBuffer(self.buffering + ring, channels)
+        self._output.write(np.zeros((self.buffering, channels), np.float32))  # the head start
+        self._owed = 0  # pull side: samples that came after their slot had been played, to be skipped
+        self._tap = RingBuffer(ring, channels) if playback and record is not None else None
+        # samples that a late or overloaded worker passes on unprocessed, delayed like the model's output
+        self._delay = round(self.denoiser.latency_samples)
+        self._dry = SampleFifo(channels, self._delay + ring)
+        self._dry.push(np.zeros((self._delay, channels), np.float32))
+        self._chunk = np.zeros((ring, channels), np.float32)
+        self._silence = np.zeros((ring, channels), np.float32)
+        self._late_after = self.buffering if playback else ring // 2  # backlog past which output is too late
+        self._dry_for = 0  # samples to take from the dry path while the model's output is stale
+        self._records: list[_Recording] = []
+        self._record = self._record_input = None
+        self._record_args = (record, record_input, overwrite)
+        # worker side: statistics
+        self._dropped_seen = 0
+        self._model_samples, self._cost, self._hops = 0, 0.0, 0
+        self._costs = np.zeros(_COST_HISTORY)
+        self._catchup_times: collections.deque[float] = collections.deque(maxlen=_CATCHUPS_TO_BYPASS)
+        self.catchups = 0
+        self._overloaded_until = 0.0
+        self._poll = min(0.002, max(0.0005, block / sample_rate / 4))
+        self._stopping = False
+        self._worker: threading.Thread | None = None
+        self.error: BaseException | None = None
+
+    # ----- controls (any thread) -----
+
+    @property
+    def latency(self) -> float:
+        """Seconds from a sample pushed to its enhanced version pulled: algorithmic + buffering."""
+        return self.denoiser.latency + self.buffering / self.sample_rate
+
+    @property
+    def bypass(self) -> bool:
+        """Pass the input through at the same latency (the model keeps running, so switching is seamless)."""
+        return self.denoiser.bypass
+
+    @bypass.setter
+    def bypass(self, value: bool) -> None:
+        self.denoiser.bypass = bool(value)
+
+    @property
+    def attenuation_limit_db(self) -> float | None:
+        """At most this much noise reduction, in dB (None: as much as the model does)."""
+        return self.denoiser.attenuation_limit_db
+
+    @attenuation_limit_db.setter
+    def attenuation_limit_db(self, value: float | None) -> None:
+        self.denoiser.attenuation_limit_db = value
+
+    @property
+    def overloaded(self) -> bool:
+        """The worker could not keep up and leaves the model out for a while (see the module)."""
+        return time.monotonic() < self._overloaded_until
+
+    @property
+    def seconds(self) -> float:
+        """Audio pushed so far, in seconds."""
+        return self._input.written / self.sample_rate
+
+    # ----- the audio side: one thread pushes, one thread pulls; no lock, no array allocated, no waiting -----
+
+    def push(self, samples: np.ndarray) -> None:
+        """Hand over captured samples, [n] or [n, channels]; what does not fit is dropped and counted."""
+        self._input.write(samples if samples.ndim == 2 else samples[:, None])
+
+    def pull(self, out: np.ndarray) -> None:
+        """Fill `out`, [n] or [n, channels], with the enhanced stream; what is not ready is silence, counted."""
+        frames = out if out.ndim == 2 else out[:, None]
+        if self._owed:
+            self._owed -= self._output.skip(self._owed)
+        ready = self._output.read(frames)
+        self._owed += len(frames) - ready
+        if self._tap is not None:
+            self._tap.write(frames)
+
+    # ----- the worker -----
+
+    def start(self) -> None:
+        """Open the recordings (all or none) and start the worker thread."""
+        record, record_input, overwrite = self._record_args
+        try:
+            if record is not None:
+                self._record = self._open(record, overwrite)
+            if record_input is not None:
+                self._record_input = self._open(record_input, overwrite)
+        except BaseException:
+            for recording in self._records:
+                recording.discard()
+            self._records.clear()
+            raise
+        self._worker = threading.Thread(target=self._work, name="quell-live-worker", daemon=True)
+        self._worker.start()
+
+    def stop(self) -> None:
+        """Process what has been pushed, stop the worker and finish the recordings."""
+        self._stopping = True
+        if self._worker is not None:
+            self._worker.join()
+        for recording in self._records:
+            recording.close()
+        self._records.clear()
+
+    def __enter__(self) -> LiveEngine:
+        self.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def _open(self, path: str | Path, overwrite: bool) -> _Recording:
+        recording = _Recording(path, self.sample_rate, self.channels, overwrite)
+        self._records.append(recording)
+        return recording
+
+    def _work(self) -> None:
+        try:
+            while True:
+                stopping = self._stopping  # read first: whatever was pushed before stop() still gets processed
+                self._drain_tap()
+                backlog = self._input.available
+                if backlog:
+                    self._catch_up(backlog)
+                elif stopping:
+                    return
+                else:
+                    time.sleep(self._poll)
+        except BaseException as error:  # reported by the session; the callback keeps going (silence, counted)
+            self.error = error
+
+    def _catch_up(self, backlog: int) -> None:
+        dropped = self._input.dropped - self._dropped_seen  # input the ring could not take: silence in its place
+        if dropped:
+            self._dropped_seen += dropped
+            self._pass(dropped, model=False, source=self._silence)
+        late = backlog - self._late_after
+        if late > 0:  # the model's output for these could only be skipped: pass them on dry, at once
+            self._note_catchup()
+            self._pass(late, model=False)
+            self._dry_for = math.ceil(self.denoiser.latency_samples)  # the model's next output is stale
+            backlog -= late
+        self._pass(backlog, model=not self.overloaded)
+
+    def _pass(self, n: int, model: bool, source: np.ndarray | None = None) -> None:
+        """Move n samples from the input ring (or `source`) through the model or the dry path to the sinks."""
+        for start in range(0, n, len(self._chunk)):
+            size = min(len(self._chunk), n - start)
+            chunk = self._chunk[:size]
+            if source is None:
+                self._input.read(chunk)
+            else:
+                chunk[:] = source[:size]
+            if self._record_input is not None:
+                self._record_input.write(chunk)
+            self._dry.push(chunk)
+            dry = self._dry.pop(size)
+            out = self._enhance(chunk, dry) if model else dry
+            if self.playback:
+                self._output.write(out)
+            else:
+                self._record.write(out)
+
+    def _enhance(self, chunk: np.ndarray, dry: np.ndarray) -> np.ndarray:
+        started = time.perf_counter()
+        out = self.denoiser.process(chunk)
+        self._note_cost(time.perf_counter() - started, len(chunk))
+        if self._dry_for:
+            k = min(self._dry_for, len(out))
+            out[:k] = dry[:k]
+            self._dry_for -= k
+        return out
+
+    def _note_cost(self, seconds: float, samples: int) -> None:
+        """Charge the time to the hops that these samples completed (a call can complete none, one or more)."""
+        card = self.denoiser.card
+        self._cost += seconds
+        self._model_samples += samples
+        hops = self._model_samples * card.sample_rate // (self.sample_rate * card.hop)
+        if hops > self._hops:
+            per_hop = self._cost / (hops - self._hops)
+            for hop in range(self._hops, hops):
+                self._costs[hop % _COST_HISTORY] = per_hop
+            self._hops, self._cost = hops, 0.0
+
+    def _note_catchup(self) -> None:
+        now = time.monotonic()
+        self.catchups += 1
+        self._catchup_times.append(now)
+        if len(self._catchup_times) == _CATCHUPS_TO_BYPASS and now - self._catchup_times[0] < _OVERLOAD_WINDOW:
+            self._overloaded_until = now + _BYPASS_SECONDS
+            self._catchup_times.clear()
+            self._dry_for = math.ceil(self.denoiser.latency_samples)  # when the model comes back, its output is stale
+
+    def _drain_tap(self) -> None:
+        if self._tap is None:
+            return
+        n = self._tap.available
+        for start in range(0, n, len(self._chunk)):
+            chunk = self._chunk[: min(len(self._chunk), n - start)]
+            self._tap.read(chunk)
+            self._record.write(chunk)
+
+    def stats(self) -> LiveStats:
+        """A snapshot (device fields zero: the session fills them in)."""
+        costs = self._costs[: min(self._hops, _COST_HISTORY)]
+        p50, p99 = np.percentile(costs, [50, 99]) * 1e3 if costs.size else (0.0, 0.0)
+        return LiveStats(
+            seconds=self.seconds, hop_p50_ms=float(p50), hop_p99_ms=float(p99),
+            algorithmic_ms=self.denoiser.latency * 1e3, buffering_ms=self.buffering / self.sample_rate * 1e3,
+            late=self._output.underflows, dropped=self._input.overflows, catchups=self.catchups,
+            overloaded=self.overloaded, bypass=self.bypass, attenuation_limit_db=self.attenuation_limit_db,
+        )
+
+
+def _sounddevice():
+    """The sounddevice module, or a one-line reason why it cannot be had."""
+    try:
+        import sounddevice
+    except ImportError as error:
+        raise LiveError("quell live needs sounddevice: pip install 'quell[live]'") from error
+    except OSError as error:  # sounddevice is there, the PortAudio library is not
+        raise LiveError(f"{error} (on Debian or Ubuntu: apt install libportaudio2)") from error
+    return sounddevice
+
+
+def list_devices() -> list[str]:
+    """One line per audio device PortAudio sees: index, name, host API, channels, default rate; < and > mark
+    the default input and output."""
+    sd = _sounddevice()
+    apis = sd.query_hostapis()
+    defaults = []
+    for kind in ("input", "output"):
+        try:
+            defaults.append(sd.query_devices(kind=kind)["index"])
+        except sd.PortAudioError:  # no default device of this kind
+            defaults.append(None)
+    return [
+        f"{'<' if device['index'] == defaults[0] else ' '}{'>' if device['index'] == defaults[1] else ' '} "
+        f"{device['index']:3d} {device['name']} ({apis[device['hostapi']]['name']}): "
+        f"{device['max_input_channels']} in, {device['max_output_channels']} out, "
+        f"{device['default_samplerate']:g} Hz"
+        for device in sd.query_devices()
+    ]
+
+
+def _device(sd, name: str | None, kind: str) -> dict:
+    """The PortAudio device of `kind` that `name` means: an index, part of a name, or None for the default."""
+    try:
+        return sd.query_devices(int(name) if name is not None and name.isdigit() else name, kind)
+    except ValueError as error:  # no match, several matches, not an input: sounddevice's first line says which
+        reason = str(error).splitlines()[0]
+        raise LiveError(f"{reason[:1].lower()}{reason[1:]} (`quell devices` lists them)") from error
+    except sd.PortAudioError as error:  # an index that does not exist, or no default device
+        which = f"{kind} device {name}" if name is not None else f"default {kind} device"
+        raise LiveError(f"no {which} ({error}; `quell devices` lists them)") from error
+
+
+def _check(sd, kind: str, device: dict, channels: int, rate: int) -> None:
+    check = sd.check_input_settings if kind == "input" else sd.check_output_settings
+    try:
+        check(device=device["index"], channels=channels, dtype="float32", samplerate=rate)
+    except (sd.PortAudioError, ValueError) as error:
+        verb = "record" if kind == "input" else "play"
+        raise LiveError(f"{kind} device {device['name']!r} cannot {verb} {channels} channel(s) at {rate} Hz "
+                        f"({error})") from error
+
+
+@contextlib.contextmanager
+def _environment(**values: str | None) -> Iterator[None]:
+    """Set (or, for None, leave alone) environment variables for the duration: libpulse reads PULSE_SINK and
+    PULSE_SOURCE when a stream is opened."""
+    saved = {name: os.environ.get(name) for name in values}
+    os.environ.update({name: value for name, value in values.items() if value is not None})
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+@contextlib.contextmanager
+def _keyboard() -> Iterator[Callable[[], str]]:
+    """Key presses from the terminal as they happen (cbreak mode); the terminal is restored at the end."""
+    import termios
+    import tty
+
+    fd = sys.stdin.fileno()
+    saved = termios.tcgetattr(fd)
+    tty.setcbreak(fd)
+
+    def pressed() -> str:
+        keys = ""
+        while select.select([fd], [], [], 0)[0]:
+            read = os.read(fd, 64)
+            if not read:  # the terminal hung up
+                break
+            keys += read.decode(errors="ignore")
+        return keys
+
+    try:
+        yield pressed
+    finally:
+        termios.tcsetattr(fd, termios.TCSADRAIN, saved)
+
+
+@contextlib.contextmanager
+def _signals(handlers: dict[str, Callable[[], None]]) -> Iterator[None]:
+    """Install handlers for the named signals that exist here (only the main thread may), then restore."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    saved = {}
+    for name, handler in handlers.items():
+        number = getattr(signal, name, None)
+        if number is not None:
+            saved[number] = signal.signal(number, lambda *_, handler=handler: handler())
+    try:
+        yield
+    finally:
+        for number, previous in saved.items():
+            signal.signal(number, previous)
+
+
+# suppression strengths that + and - step through (attenuation limits in dB; None: no limit)
+_STRENGTHS: list[float | None] = [0.0, 6.0, 12.0, 18.0, 24.0, 30.0, 36.0, 42.0, 48.0, None]
+
+
+def _step_strength(limit: float | None, step: int) -> float | None:
+    """The strength `step` steps up (+1) or down (-1) from the one nearest to `limit`."""
+    here = len(_STRENGTHS) - 1 if limit is None else min(
+        range(len(_STRENGTHS) - 1), key=lambda i: abs(_STRENGTHS[i] - limit))
+    return _STRENGTHS[min(max(here + step, 0), len(_STRENGTHS) - 1)]
+
+
+class LiveSession:
+    """`quell live`: an input device into a LiveEngine, out to an output device, a WAV file, or both.
+
+    The sink is the output device (`output_device`, or the default one), unless only `record` is given; with
+    `virtual_mic` it is a virtual microphone named "quell" (PulseAudio/PipeWire), removed again at the end.
+    Devices are PortAudio's: an index or part of a name (`quell devices`), None for the default. The rate is
+    `sample_rate`, or 48 kHz where the devices can, else the input's default; the engine resamples to the model.
+    `device_latency` is the latency PortAudio is asked for ("low", "high" or seconds).
+    """
+
+    def __init__(
+        self, model: str | Path | ModelCard = "dtln", input_device: str | None = None,
+        output_device: str | None = None, record: str | Path | None = None, record_input: str | Path | None = None,
+        overwrite: bool = False, sample_rate: int | None = None, channels: int = 1, block_ms: float = 10.0,
+        buffer_ms: float = 20.0, attenuation_limit_db: float | None = None, providers: list[str] | None = None,
+        virtual_mic: bool = False, bypass: bool = False, device_latency: float | str = "low",
+    ):
+        if virtual_mic and output_device is not None:
+            raise ValueError("--virtual-mic is the output: leave out --output")
+        if channels < 1:
+            raise ValueError(f"channels must be at least 1, got {channels}")
+        self.model, self.input_device, self.output_device = model, input_device, output_device
+        self.record, self.record_input, self.overwrite = record, record_input, overwrite
+        self.sample_rate, self.channels, self.block_ms, self.buffer_ms = sample_rate, channels, block_ms, buffer_ms
+        self.attenuation_limit_db, self.providers = attenuation_limit_db, providers
+        self.virtual_mic, self.bypass, self.device_latency = virtual_mic, bypass, device_latency
+        self.playback = output_device is not None or virtual_mic or record is None
+        self.engine: LiveEngine | None = None
+        self._stream = None
+        self._device_xruns = 0
+        self._callbacks = 0
+        self._stop = ""
+
+    def run(
+        self, duration: float | None = None, report: Callable[[LiveStats], None] | None = None,
+        report_every: float = 0.5, keys: bool = False, stall_seconds: float = 5.0,
+    ) -> LiveStats:
+        """Run until `duration` seconds of audio have passed, Ctrl-C, SIGTERM or `q`; returns the final stats.
+
+        `report` gets the stats every `report_every` seconds. With `keys` (a terminal), b toggles bypass, + and
+        - step the suppression strength, q quits; SIGUSR1 toggles bypass too. A device that delivers nothing
+        for `stall_seconds`, or stops, raises LiveError; so does a worker that failed. Whatever happens, the
+        streams are closed, the recordings finished and the virtual microphone removed.
+        """
+        sd = _sounddevice()
+        if not sd.query_devices():
+            raise LiveError("no audio devices found (no sound card, and no sound server that PortAudio can reach)")
+        source = _device(sd, self.input_device, "input")
+        sink = _device(sd, "pulse" if self.virtual_mic else self.output_device, "output") if self.playback else None
+        rate = self.sample_rate or self._choose_rate(sd, source, sink)
+        _check(sd, "input", source, self.channels, rate)
+        if sink is not None:
+            _check(sd, "output", sink, self.channels, rate)
+        block = max(1, round(self.block_ms * rate / 1000))
+        try:
+            self._run(sd, source, sink, rate, block, duration, report, report_every, keys, stall_seconds)
+        except KeyboardInterrupt:  # Ctrl-C is how a live session ends; everything is unmade already
+            if self._stream is None:  # nothing ran yet
+                raise
+        return self.stats()
+
+    def _run(self, sd, source, sink, rate, block, duration, report, report_every, keys, stall_seconds) -> None:
+        with contextlib.ExitStack() as stack:  # unwinds in reverse: keys, stream, engine, microphone, signals
+            # from here on SIGTERM asks the loop to stop instead of killing the process, so that whatever is
+            # made below is also unmade; Ctrl-C unwinds the same way (KeyboardInterrupt)
+            stack.enter_context(_signals({"SIGTERM": self._terminate, "SIGHUP": self._terminate,
+                                          "SIGUSR1": self._toggle_bypass}))
+            environment = {}
+            if self.virtual_mic:
+                # pin the input to the real microphone before "quell" exists, so that quell never hears itself
+                environment["PULSE_SOURCE"] = os.environ.get("PULSE_SOURCE") or default_source()
+                mic = stack.enter_context(VirtualMicrophone("quell", rate, self.channels))
+                environment["PULSE_SINK"] = mic.sink
+            self.engine = LiveEngine(self.model, rate, self.channels, block, self.buffer_ms, self.playback,
+                                     self.record, self.record_input, self.overwrite, self.providers,
+                                     self.attenuation_limit_db)
+            self.engine.bypass = self.bypass
+            stack.callback(self.engine.stop)
+            with _environment(**environment):
+                self._stream = self._open(sd, source, sink, rate, block)
+            stack.callback(self._close, sd)
+            pressed = stack.enter_context(_keyboard()) if keys and os.name == "posix" else None
+            if not self._stop:
+                self.engine.start()  # opens the recordings: only once the devices are open
+                self._stream.start()
+                self._loop(duration, report, report_every, pressed, stall_seconds)
+
+    def _choose_rate(self, sd, source: dict, sink: dict | None) -> int:
+        try:
+            sd.check_input_settings(device=source["index"], channels=self.channels, samplerate=48000)
+            if sink is not None:
+                sd.check_output_settings(device=sink["index"], channels=self.channels, samplerate=48000)
+            return 48000
+        except (sd.PortAudioError, ValueError):
+            return int(source["default_samplerate"])
+
+    def _open(self, sd, source: dict, sink: dict | None, rate: int, block: int):
+        settings = dict(samplerate=rate, blocksize=block, channels=self.channels, dtype="float32",
+                        latency=self.device_latency)
+        try:
+            if sink is None:
+                return sd.InputStream(device=source["index"], callback=self._capture, **settings)
+            return sd.Stream(device=(source["index"], sink["index"]), callback=self._duplex, **settings)
+        except (sd.PortAudioError, ValueError) as error:
+            raise LiveError(f"cannot open the audio device ({error})") from error
+
+    def _close(self, sd, timeout: float = 2.0) -> None:
+        """Abort and close the stream, or give up after `timeout` seconds.
+
+        PortAudio's ALSA backend can deadlock there when the PulseAudio server goes away under a stream (seen
+        here with --virtual-mic, every time). A stream given up on must not be waited for at exit either, so
+        sounddevice's exit handler, which would close it again, is dropped.
+        """
+        def close() -> None:
+            self._stream.abort()  # before close: closing a running stream can hang too (sounddevice's notes)
+            self._stream.close()
+
+        closer = threading.Thread(target=close, name="quell-close", daemon=True)
+        closer.start()
+        closer.join(timeout)
+        if closer.is_alive():
+            atexit.unregister(getattr(sd, "_exit_handler", close))
+
+    def _loop(self, duration, report, report_every, pressed, stall_seconds) -> None:
+        next_report = time.monotonic() + report_every
+        seen, heard_at = -1, time.monotonic()
+        while not self._stop:
+            time.sleep(0.05)  # this thread competes with the worker for the GIL: it wakes rarely
+            now = time.monotonic()
+            if self.engine.error is not None:
+                raise LiveError(f"processing failed: {self.engine.error}")
+            if not self._stream.active:
+                raise LiveError("the audio device stopped (unplugged, or its sound server went away)")
+            if self._callbacks != seen:
+                seen, heard_at = self._callbacks, now
+            elif now - heard_at > stall_seconds:
+                raise LiveError(f"the audio device delivered nothing for {stall_seconds:g} s (unplugged?)")
+            if duration is not None and self.engine.seconds >= duration:
+                break
+            if pressed is not None:
+                self._keys(pressed())
+            if report is not None and now >= next_report:
+                report(self.stats())
+                next_report = now + report_every
+
+    def _keys(self, keys: str) -> None:
+        for key in keys:
+            if key in "bB":
+                self._toggle_bypass()
+            elif key in "+=":
+                self.engine.attenuation_limit_db = _step_strength(self.engine.attenuation_limit_db, 1)
+            elif key == "-":
+                self.engine.attenuation_limit_db = _step_strength(self.engine.attenuation_limit_db, -1)
+            elif key in "qQ":
+                self._stop = "quit"
+
+    def _terminate(self) -> None:
+        self._stop = "terminated"
+
+    def _toggle_bypass(self) -> None:
+        if self.engine is not None:
+            self.engine.bypass = not self.engine.bypass
+
+    # ----- the audio callbacks: copies and counters only -----
+
+    def _duplex(self, indata, outdata, frames, time_info, status) -> None:
+        if status:
+            self._note(status)
+        self.engine.push(indata)
+        self.engine.pull(outdata)
+        self._callbacks += 1
+
+    def _capture(self, indata, frames, time_info, status) -> None:
+        if status:
+            self._note(status)
+        self.engine.push(indata)
+        self._callbacks += 1
+
+    def _note(self, status) -> None:
+        # The first callback's flags are not counted: PortAudio starts the device before that callback has
+        # handed it anything, so ALSA may report an underflow of audio that never existed (seen through
+        # PulseAudio in about half of the starts, with or without quell's engine).
+        if self._callbacks and (status.input_overflow or status.input_underflow or status.output_underflow
+                                or status.output_overflow):
+            self._device_xruns += 1
+
+    def stats(self) -> LiveStats:
+        """The engine's stats with the devices' latencies and xruns.
+
+        The device latencies are those PortAudio reports for the open stream. Its per-callback time stamps
+        would be finer, but through PulseAudio's ALSA plugin the capture stamps were measured here to be off
+        by anything from 0 to 900 ms.
+        """
+        stats = self.engine.stats()
+        device_in, device_out = self._stream.latency if self.playback else (self._stream.latency, 0.0)
+        return replace(stats, device_in_ms=device_in * 1e3, device_out_ms=device_out * 1e3,
+                       device_xruns=self._device_xruns)
