@@ -11,7 +11,6 @@ import os
 import subprocess
 import sys
 import time
-import tracemalloc
 
 import numpy as np
 import pytest
@@ -21,6 +20,7 @@ from click.testing import CliRunner
 from quell.cli import main
 from quell.streaming.denoiser import Denoiser
 from quell.streaming.live import LiveEngine, LiveStats, _step_strength
+from tests.allocation import peak_allocation
 from tests.audio_server import skip_without_portaudio
 from tests.delay_model import write_delay_model
 from tests.test_cli import assert_one_error
@@ -164,17 +164,12 @@ def test_recordings_refuse_to_overwrite(delay_card, tmp_path):
 def test_push_and_pull_allocate_no_arrays(delay_card):
     engine = LiveEngine(delay_card, sample_rate=48000, block=480)
     mic, speaker = np.ones(480, np.float32), np.empty((480, 1), np.float32)
-    engine.push(mic), engine.pull(speaker)  # warm up
-    tracemalloc.start()
-    try:
-        before = tracemalloc.get_traced_memory()[0]
-        tracemalloc.reset_peak()
-        for _ in range(100):
-            engine.push(mic)
-            engine.pull(speaker)
-        peak = tracemalloc.get_traced_memory()[1] - before
-    finally:
-        tracemalloc.stop()
+
+    def step() -> None:
+        engine.push(mic)
+        engine.pull(speaker)
+
+    peak = peak_allocation(step, 100)
     assert peak < mic.nbytes / 2, f"{peak} bytes allocated at peak: a block is {mic.nbytes}"
 
 

@@ -5,12 +5,12 @@ from __future__ import annotations
 import sys
 import threading
 import time
-import tracemalloc
 
 import numpy as np
 import pytest
 
 from quell.streaming.ringbuffer import RingBuffer
+from tests.allocation import peak_allocation
 
 
 def _ramp(start: int, n: int, channels: int = 1) -> np.ndarray:
@@ -122,16 +122,11 @@ def test_two_threads_hammering_a_full_ring_only_drop_whole_tails(fine_thread_swi
 def test_write_and_read_allocate_no_arrays():
     ring = RingBuffer(1000, channels=2)
     block, out = np.ones((480, 2), np.float32), np.empty((480, 2), np.float32)
-    ring.write(block), ring.read(out)  # warm up
-    tracemalloc.start()
-    try:
-        before = tracemalloc.get_traced_memory()[0]
-        tracemalloc.reset_peak()
-        for _ in range(200):
-            ring.write(block)
-            ring.read(out)
-            ring.skip(0)
-        peak = tracemalloc.get_traced_memory()[1] - before
-    finally:
-        tracemalloc.stop()
+
+    def step() -> None:
+        ring.write(block)
+        ring.read(out)
+        ring.skip(0)
+
+    peak = peak_allocation(step, 200)
     assert peak < block.nbytes / 2, f"{peak} bytes allocated at peak: a block is {block.nbytes}"
