@@ -227,7 +227,25 @@ class RNNoise(Baseline):
             lib.rnnoise_destroy(state)
 
 
-class WebRtcNS(Baseline):
+class _WebRtc(Baseline):
+    """The engines of pywebrtc-audio."""
+
+    @classmethod
+    def available(cls) -> str | None:
+        return _missing_package("pywebrtc_audio", "pywebrtc-audio")
+
+
+class _SpeexDSP(Baseline):
+    """The engines of Debian's libspeexdsp, through ctypes, on int16 frames."""
+
+    @classmethod
+    def available(cls) -> str | None:
+        return _missing_library(_speexdsp, "apt-get install libspeexdsp1")
+
+    _encode, _decode = staticmethod(_to_int16), staticmethod(_from_int16)
+
+
+class WebRtcNS(_WebRtc):
     """WebRTC noise suppression (pywebrtc-audio), 10 ms frames at 16 kHz, level 0-3 = 6/12/18/21 dB.
 
     Level 2 ("high", 18 dB) by default. Delay 96 samples (6 ms) at 16 kHz, the 256-point FFT's overlap over
@@ -239,10 +257,6 @@ class WebRtcNS(Baseline):
     def __init__(self, level: int = 2):
         self.level = level
 
-    @classmethod
-    def available(cls) -> str | None:
-        return _missing_package("pywebrtc_audio", "pywebrtc-audio")
-
     @contextmanager
     def _open(self, rate: int) -> Iterator[Step]:
         import pywebrtc_audio
@@ -250,7 +264,7 @@ class WebRtcNS(Baseline):
         yield pywebrtc_audio.NoiseSuppressor(sample_rate=rate, level=self.level).process
 
 
-class SpeexNS(Baseline):
+class SpeexNS(_SpeexDSP):
     """SpeexDSP preprocessor, denoise only, 10 ms frames at 16 kHz, int16.
 
     Noise suppression at most -15 dB by default (speexdsp's own default, set explicitly). Delay one frame (160
@@ -262,12 +276,6 @@ class SpeexNS(Baseline):
 
     def __init__(self, noise_suppress_db: int = -15):
         self.noise_suppress_db = noise_suppress_db
-
-    @classmethod
-    def available(cls) -> str | None:
-        return _missing_library(_speexdsp, "apt-get install libspeexdsp1")
-
-    _encode, _decode = staticmethod(_to_int16), staticmethod(_from_int16)
 
     @contextmanager
     def _open(self, rate: int) -> Iterator[Step]:
@@ -328,7 +336,7 @@ class Mic(Baseline):
     name, inputs = "mic", 2
 
 
-class WebRtcAEC3(Baseline):
+class WebRtcAEC3(_WebRtc):
     """WebRTC AEC3 (pywebrtc-audio's EchoCanceller: linear filter + residual echo suppressor, with its high-pass
     filter), 10 ms frames at 16 kHz, no delay hint (AEC3 estimates the echo path delay itself).
 
@@ -338,10 +346,6 @@ class WebRtcAEC3(Baseline):
 
     name, sample_rate, frame, delay, inputs = "webrtc", 16000, 160, 128, 2
 
-    @classmethod
-    def available(cls) -> str | None:
-        return _missing_package("pywebrtc_audio", "pywebrtc-audio")
-
     @contextmanager
     def _open(self, rate: int) -> Iterator[Step]:
         import pywebrtc_audio
@@ -349,7 +353,7 @@ class WebRtcAEC3(Baseline):
         yield pywebrtc_audio.EchoCanceller(sample_rate=rate).process
 
 
-class SpeexAEC(Baseline):
+class SpeexAEC(_SpeexDSP):
     """SpeexDSP MDF echo canceller (200 ms filter) followed by its preprocessor as residual echo suppressor
     (denoise off), the pipeline of speexdsp's own testecho.c; 10 ms frames at 16 kHz, int16.
 
@@ -359,12 +363,6 @@ class SpeexAEC(Baseline):
     name, sample_rate, frame, delay, inputs = "speex", 16000, 160, 160, 2
     SET_ECHO_SAMPLING_RATE, SET_DENOISE, SET_ECHO_STATE = 24, 0, 24  # speex_echo.h, speex_preprocess.h
     TAIL_SECONDS = 0.2
-
-    @classmethod
-    def available(cls) -> str | None:
-        return _missing_library(_speexdsp, "apt-get install libspeexdsp1")
-
-    _encode, _decode = staticmethod(_to_int16), staticmethod(_from_int16)
 
     @contextmanager
     def _open(self, rate: int) -> Iterator[Step]:
