@@ -91,28 +91,28 @@ class StreamingModel:
         hop = self.card.hop
         if audio.size % hop:
             raise ValueError(f"process() takes a multiple of the hop ({hop} samples), got {audio.size}")
-        session = self.sessions.get("sequence")
-        if session is None or audio.size < 2 * hop:
-            return np.concatenate(
-                [np.zeros(0, np.float32)]
-                + [self.step(audio[i : i + hop], None if reference is None else reference[i : i + hop]).copy()
-                   for i in range(0, audio.size, hop)]
-            )
-        out = []
+        pieces = [np.zeros(0, np.float32)]
         for start in range(0, audio.size, _BLOCK_HOPS * hop):
-            block = audio[start : start + _BLOCK_HOPS * hop]
-            if block.size < 2 * hop:  # the sequence graph takes two hops or more
-                out.append(self.process(block, None if reference is None else reference[start:]))
-                continue
-            feeds = {self.card.audio_input: np.ascontiguousarray(block, np.float32)[None]}
-            if self.card.reference_input:
-                ref = np.zeros(block.size, np.float32) if reference is None else reference[start : start + block.size]
-                feeds[self.card.reference_input] = np.ascontiguousarray(ref, np.float32)[None]
-            states = self._states[self._turn]
-            feeds.update({spec.name: state for spec, state in zip(self.card.states, states, strict=True)})
-            results = session.run(None, feeds)
-            outputs = dict(zip((o.name for o in session.get_outputs()), results, strict=True))
-            for spec, state in zip(self.card.states, states, strict=True):
-                state[...] = outputs[spec.output]
-            out.append(outputs[self.card.audio_output][0])
-        return np.concatenate(out)
+            stop = min(start + _BLOCK_HOPS * hop, audio.size)
+            ref = None if reference is None else reference[start:stop]
+            if "sequence" in self.sessions and stop - start >= 2 * hop:  # the sequence graph takes two hops or more
+                pieces.append(self._sequence(audio[start:stop], ref))
+            else:
+                for i in range(0, stop - start, hop):
+                    step_ref = None if ref is None else ref[i : i + hop]
+                    pieces.append(self.step(audio[start + i : start + i + hop], step_ref).copy())
+        return np.concatenate(pieces)
+
+    def _sequence(self, audio: np.ndarray, reference: np.ndarray | None) -> np.ndarray:
+        """Many hops in one call of the sequence graph, the states carried in and out."""
+        session = self.sessions["sequence"]
+        feeds = {self.card.audio_input: np.ascontiguousarray(audio, np.float32)[None]}
+        if self.card.reference_input:
+            ref = np.zeros(audio.size, np.float32) if reference is None else reference
+            feeds[self.card.reference_input] = np.ascontiguousarray(ref, np.float32)[None]
+        states = self._states[self._turn]
+        feeds.update({spec.name: state for spec, state in zip(self.card.states, states, strict=True)})
+        outputs = dict(zip((o.name for o in session.get_outputs()), session.run(None, feeds), strict=True))
+        for spec, state in zip(self.card.states, states, strict=True):
+            state[...] = outputs[spec.output]
+        return outputs[self.card.audio_output][0]
