@@ -86,3 +86,13 @@ def test_bad_input_is_one_clear_error(subtractor, tmp_path):
         canceller.process(np.zeros(160, np.float32), np.zeros(161, np.float32))
     with pytest.raises(ValueError, match="not an echo canceller"):
         EchoCanceller(write_delay_model(tmp_path / "ns"), sample_rate=RATE)
+
+
+def test_reset_starts_a_new_stream_exactly_like_a_new_canceller(subtractor):
+    far = _talker(3.0, 7)
+    mic = np.concatenate([np.zeros(int(0.05 * 48000), np.float32), far])[: far.size]
+    used = EchoCanceller(subtractor, sample_rate=48000)
+    _run(used, mic[:1000], far[:1000], 333)  # a partial stream: resamplers and FIFOs hold leftovers
+    used.reset()
+    np.testing.assert_array_equal(_run(used, mic, far, 480),
+                                  _run(EchoCanceller(subtractor, sample_rate=48000), mic, far, 480))

@@ -64,7 +64,7 @@ class Denoiser:
         self.invalid_samples = 0
         self.bypass = False
         self.attenuation_limit_db = attenuation_limit_db
-        self.reset()
+        Denoiser.reset(self)  # not self.reset(): a subclass resets its own parts once they exist
 
     @property
     def latency_samples(self) -> float:

@@ -46,13 +46,9 @@ class EchoCanceller(Denoiser):
         self.max_delay = max_delay
         self._resample_reference = StreamingResampler(sample_rate, rate, channels) if sample_rate != rate else None
         self._pending_reference = SampleFifo(channels, 4 * hop)
-        self._line = FractionalDelayLine(int(max_delay * rate) + hop, channels)
+        self._line_length = int(max_delay * rate) + hop
         self.estimator = DelayEstimator(rate, max_delay=max_delay)
-        self._drift = DriftEstimator()
-        self._hops = 0
-        self._last_candidate: DelayEstimate | None = None
-        self._anchor_estimate: DelayEstimate | None = None  # the estimate the delay track starts from
-        self._anchor_time = 0
+        self._reset_alignment()
 
     @property
     def alignment(self) -> DelayEstimate | None:
@@ -65,14 +61,20 @@ class EchoCanceller(Denoiser):
         return self._drift.ppm
 
     def reset(self) -> None:
+        """Start a new stream: the Denoiser's parts, the reference path and the alignment from scratch."""
         super().reset()
-        if hasattr(self, "estimator"):  # Denoiser.__init__ resets before this class has set itself up
-            self._pending_reference.clear()
-            self._line = FractionalDelayLine(self._line.max_delay, self.channels)
-            self.estimator.reset()
-            self._drift = DriftEstimator()
-            self._hops, self._anchor_time = 0, 0
-            self._last_candidate = self._anchor_estimate = None
+        if self._resample_reference is not None:  # it must stay in step with the mic's resampler
+            self._resample_reference.reset()
+        self._pending_reference.clear()
+        self.estimator.reset()
+        self._reset_alignment()
+
+    def _reset_alignment(self) -> None:
+        self._line = FractionalDelayLine(self._line_length, self.channels)
+        self._drift = DriftEstimator()
+        self._hops, self._anchor_time = 0, 0
+        self._last_candidate: DelayEstimate | None = None
+        self._anchor_estimate: DelayEstimate | None = None  # the estimate the delay track starts from
 
     def process(self, mic: np.ndarray, reference: np.ndarray | None = None) -> np.ndarray:
         """Cancel the echo of `reference` in `mic`; returns mic's shape, delayed by `latency`."""
