@@ -37,6 +37,7 @@ class Denoiser:
     def __init__(
         self, model: str | Path | ModelCard = "dtln", sample_rate: int = 48000, channels: int = 1,
         threads: int = 1, providers: list[str] | None = None, attenuation_limit_db: float | None = None,
+        sessions: dict | None = None,
     ):
         if channels < 1:
             raise ValueError(f"channels must be at least 1, got {channels}")
@@ -44,7 +45,8 @@ class Denoiser:
             raise ValueError(f"sample_rate must be positive, got {sample_rate}")
         self.card = find_model(model)
         self.sample_rate, self.channels = sample_rate, channels
-        sessions = {"step": make_session(self.card.graph_path("step"), threads, providers)}
+        # `sessions`: an already loaded {"step": InferenceSession} of this card, to share between streams
+        sessions = sessions or {"step": make_session(self.card.graph_path("step"), threads, providers)}
         self.models = [StreamingModel(self.card, sessions=sessions) for _ in range(channels)]
         model_rate, hop = self.card.sample_rate, self.card.hop
         self._resample_in = self._resample_out = None

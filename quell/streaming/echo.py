@@ -37,9 +37,9 @@ class EchoCanceller(Denoiser):
     def __init__(
         self, model: str | Path | ModelCard = "aec", sample_rate: int = 48000, channels: int = 1,
         max_delay: float = 0.5, threads: int = 1, providers: list[str] | None = None,
-        attenuation_limit_db: float | None = None,
+        attenuation_limit_db: float | None = None, sessions: dict | None = None,
     ):
-        super().__init__(model, sample_rate, channels, threads, providers, attenuation_limit_db)
+        super().__init__(model, sample_rate, channels, threads, providers, attenuation_limit_db, sessions)
         if not self.card.reference_input:
             raise ValueError(f"model {self.card.name!r} takes no far-end reference: it is not an echo canceller")
         rate, hop = self.card.sample_rate, self.card.hop

@@ -152,7 +152,7 @@ class FileEnhancer:
         from quell.streaming.echo import EchoCanceller, aligned_output
 
         rate, channels, block = info.samplerate, info.channels, int(_BLOCK_SECONDS * info.samplerate)
-        canceller = EchoCanceller(self.card, sample_rate=rate, channels=channels)
+        canceller = EchoCanceller(self.card, sample_rate=rate, channels=channels, sessions=self.sessions)
         far = _ReferenceReader(reference, reference_info, rate, info.frames, src, report)
         clip = not writer.subtype.startswith(("FLOAT", "DOUBLE", "VORBIS"))
 
