@@ -120,10 +120,9 @@ class ExampleSource:
             raise ValueError(f"no training data for task {task!r}")
 
     def example(self, seed: int) -> Example:
-        if self.task == "denoise":
-            mix = self.synth.mixture(seed)
-            return (mix.noisy,), (mix.clean,)
         mix = self.synth.mixture(seed)
+        if self.task == "denoise":
+            return (mix.noisy,), (mix.clean,)
         return (mix.mic, mix.reference), (mix.near, mix.mic - mix.echo)
 
 
