@@ -90,14 +90,16 @@ def export(checkpoint, output, name) -> None:
 @click.argument("recipe", type=click.Path(exists=True, dir_okay=False))
 @click.option("--out", default=None, help="Run folder (checkpoints, log); default runs/<recipe folder>.")
 @click.option("--max-minutes", type=float, default=None, help="Stop (resumably) after this long.")
-def train(recipe, out, max_minutes) -> None:
+@click.option("--init", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="Start a new run from this checkpoint's weights (fine-tuning); ignored when the run resumes.")
+def train(recipe, out, max_minutes, init) -> None:
     """Train (or resume) the model of a recipe."""
     import logging
 
     from quell.models.train import train as run_training
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    best = run_training(recipe, out or Path("runs") / Path(recipe).parent.name, max_minutes)
+    best = run_training(recipe, out or Path("runs") / Path(recipe).parent.name, max_minutes, init)
     click.echo(f"best checkpoint: {best}")
 
 

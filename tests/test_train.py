@@ -72,6 +72,24 @@ def test_resume_continues_exactly_where_it_stopped(recipe, tmp_path):
         torch.testing.assert_close(resumed["model"][name], weight, rtol=0, atol=1e-6)
 
 
+def test_a_new_run_can_start_from_another_runs_weights(recipe, tmp_path):
+    train(recipe(1), tmp_path / "first")
+    first = torch.load(tmp_path / "first" / "last.pt", weights_only=False)
+    path = recipe(1)
+    data = yaml.safe_load(path.read_text())
+    data["train"].update(lr=0.0, loss="snr_spectral")  # no step moves the weights: they stay the first run's
+    path.write_text(yaml.safe_dump(data))
+    train(path, tmp_path / "tuned", init=tmp_path / "first" / "last.pt")
+    tuned = torch.load(tmp_path / "tuned" / "last.pt", weights_only=False)
+    assert tuned["state"]["step"] == 2  # counted afresh
+    for name, weight in first["model"].items():
+        torch.testing.assert_close(tuned["model"][name], weight, rtol=0, atol=0)
+    fresh = torch.load(tmp_path / "first" / "last.pt", weights_only=False)["model"]
+    train(path, tmp_path / "scratch")  # without init the weights are new ones
+    scratch = torch.load(tmp_path / "scratch" / "last.pt", weights_only=False)["model"]
+    assert any(not torch.equal(scratch[name], fresh[name]) for name in fresh)
+
+
 def test_unusable_corpus_files_are_reported_and_skipped(recipe, tmp_path, caplog):
     (tmp_path / "speech" / "broken.wav").write_text("not audio")
     sf.write(tmp_path / "speech" / "short.wav", np.zeros(100, np.float32) + 0.1, RATE)
@@ -85,7 +103,8 @@ def test_the_echo_canceller_trains_on_echo_scenarios(tmp_path):
     _write_corpus(tmp_path / "noise", 2, 22, "noise")
     recipe = {
         "model": "d3net_aec",
-        "model_args": {"channels": 4, "growth": 4, "layers": 2, "blocks": 1},
+        "model_args": {"channels": 4, "growth": 4, "layers": 2, "blocks": 1, "downsample": 1,
+                       "filter_partitions": 4},
         "data": {"speech": ["speech"], "far_speech": ["far"], "noise": ["noise"]},
         "valid": {"speech": ["speech"], "far_speech": ["far"]},
         "synth": {"segment_seconds": 1.0, "scenario_probs": [0.5, 0.0, 0.5],

@@ -212,8 +212,13 @@ def _save(path: Path, state: dict[str, Any]) -> None:
     os.replace(tmp, path)
 
 
-def train(recipe_path: str | Path, out_dir: str | Path, max_minutes: float | None = None) -> Path:
-    """Train (or resume) the model of a recipe; returns the path of the best checkpoint."""
+def train(recipe_path: str | Path, out_dir: str | Path, max_minutes: float | None = None,
+          init: str | Path | None = None) -> Path:
+    """Train (or resume) the model of a recipe; returns the path of the best checkpoint.
+
+    `init`: a checkpoint whose model weights a new run starts from (fine-tuning: optimizer, schedule and step
+    count start afresh). A run that resumes from its own last checkpoint ignores it.
+    """
     recipe_path = Path(recipe_path)
     recipe = yaml.safe_load(recipe_path.read_text())
     base = recipe_path.parent
@@ -246,6 +251,9 @@ def train(recipe_path: str | Path, out_dir: str | Path, max_minutes: float | Non
         if "rng" in checkpoint:  # dropout continues as if never interrupted
             torch.set_rng_state(checkpoint["rng"])
         log.info("resumed from %s at step %d", last, state["step"])
+    elif init is not None:
+        model.load_state_dict(torch.load(init, map_location=device, weights_only=False)["model"])
+        log.info("starting from the weights of %s", init)
     wrapped = nn.parallel.DistributedDataParallel(model) if distributed else model
 
     train_source = ExampleSource(model.task, recipe["data"], base, recipe.get("synth"))
@@ -343,9 +351,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("recipe")
     parser.add_argument("--out", default=None)
     parser.add_argument("--max-minutes", type=float, default=None)
+    parser.add_argument("--init", default=None, help="start a new run from this checkpoint's weights")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    train(args.recipe, args.out or Path("runs") / Path(args.recipe).parent.name, args.max_minutes)
+    train(args.recipe, args.out or Path("runs") / Path(args.recipe).parent.name, args.max_minutes, args.init)
 
 
 if __name__ == "__main__":
