@@ -40,9 +40,11 @@ def test_d3_block_is_causal_and_streams_exactly():
     torch.testing.assert_close(torch.cat(frames, dim=2), offline, atol=1e-5, rtol=0)
 
 
-def test_streaming_equals_offline_and_onnx_equals_pytorch(tmp_path):
+@pytest.mark.parametrize("hybrid", [False, True], ids=["plain", "linear-filter-and-downsampling"])
+def test_streaming_equals_offline_and_onnx_equals_pytorch(tmp_path, hybrid):
     torch.manual_seed(1)
-    model = D3NetAEC(D3NetAECConfig(channels=8, growth=4, layers=3, blocks=2)).eval()
+    extra = {"downsample": 2, "filter_partitions": 4} if hybrid else {}
+    model = D3NetAEC(D3NetAECConfig(channels=8, growth=4, layers=3, blocks=2, **extra)).eval()
     rng = np.random.default_rng(0)
     mic, ref = (torch.from_numpy(rng.standard_normal((1, 160 * 30)).astype(np.float32) * 0.1) for _ in range(2))
     with torch.no_grad():
@@ -59,6 +61,23 @@ def test_streaming_equals_offline_and_onnx_equals_pytorch(tmp_path):
     loaded = ModelCard.load(card.path)
     assert (loaded.task, loaded.reference_input, loaded.sequence_graph) == ("echo", "reference", None)
     assert (loaded.window, loaded.hop, loaded.delay) == (320, 160, 160)
+    names = [state.name for state in loaded.states]
+    assert any(name.startswith("filter_") for name in names) == hybrid
+    if hybrid:  # the blocks run on a quarter of the bins: 161 -> 81 -> 41
+        assert all(state.shape[-1] == 41 for state in loaded.states if state.name.startswith("block"))
+
+
+def test_the_linear_filter_takes_a_linear_echo_out_before_the_network():
+    torch.manual_seed(3)
+    model = D3NetAEC(D3NetAECConfig(channels=4, growth=4, layers=2, blocks=1, filter_partitions=4)).eval()
+    reference = torch.randn(1, 16000) * 0.1
+    echo = 0.5 * torch.nn.functional.pad(reference, (40, 0))[:, :16000]  # a pure 2.5 ms delay
+    signals, _ = model._signals(echo, reference)
+    residual, estimate, heard = signals
+    assert torch.equal(heard, reference)
+    late = slice(8000, None)
+    assert residual[:, late].pow(2).sum() < 1e-3 * echo[:, late].pow(2).sum()  # > 30 dB out after 0.5 s
+    torch.testing.assert_close(residual + estimate, echo, atol=1e-6, rtol=0)
 
 
 def test_the_reference_matters():

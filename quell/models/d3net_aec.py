@@ -6,6 +6,12 @@ far-end reference enter as two complex channels of a power-law compressed STFT; 
 convolutions and densely connected multidilated blocks see far in time and frequency without pooling; two
 bounded complex masks come out, one taking the echo out of the mic spectrum and one the noise out of that.
 
+Two additions make it cheap enough to train on a CPU and strong on linear echo: `downsample` strided
+convolutions halve the frequency resolution before the blocks (and nearest-neighbour upsampling with added skip
+connections restores it before the masks), and `filter_partitions` puts a linear adaptive filter in front
+(`quell.models.adaptive`, inside the graph): the masks then act on the filter's residual, and the network also
+hears the filter's echo estimate, a third complex input.
+
 Everything is causal in time (20 ms window, 10 ms hop: one VoIP frame per hop), so the model streams:
 `stream()` takes one hop of mic and reference and every state (analysis buffers, the overlap-add buffer and
 each dilated convolution's past frames) and gives one hop of near-end speech, `window - hop` samples late.
@@ -18,7 +24,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from quell.models.layers import ComplexConv2d, D3Block
+from quell.models.adaptive import AdaptiveEchoFilter
+from quell.models.layers import ComplexConv2d, D3Block, complex_activation, upsample_frequency
 
 
 @dataclass
@@ -33,6 +40,9 @@ class D3NetAECConfig:
     layers: int = 4  # per block; group g is dilated 2**g
     blocks: int = 3
     compress: float = 0.3  # power-law compression of the input magnitudes
+    downsample: int = 0  # stride-2 frequency stages before the blocks (each halves their cost)
+    filter_partitions: int = 0  # linear adaptive filter length in hops (0: no linear front end)
+    filter_step: float = 0.5  # its NLMS step size
 
     @property
     def bins(self) -> int:
@@ -49,10 +59,18 @@ class D3NetAEC(nn.Module):
     def __init__(self, config: D3NetAECConfig | None = None):
         super().__init__()
         cfg = self.config = config or D3NetAECConfig()
+        # the linear filter is causal: it wants the echo's first arrival a little after the aligned reference,
+        # as in training (the synthesizer's rooms put a few ms of flight between loudspeaker and mic)
+        self.reference_lead = round(0.003 * cfg.sample_rate) if cfg.filter_partitions else 0
         if cfg.window != 2 * cfg.hop:
             raise ValueError("the sqrt-Hann overlap-add needs window == 2 * hop")
-        self.encoder = ComplexConv2d(2, cfg.channels, kernel_t=1)
+        self.linear = AdaptiveEchoFilter(cfg.hop, cfg.filter_partitions, cfg.filter_step) \
+            if cfg.filter_partitions else None
+        self.encoder = ComplexConv2d(3 if self.linear else 2, cfg.channels, kernel_t=1)
+        c = cfg.channels
+        self.down = nn.ModuleList(ComplexConv2d(c, c, kernel_t=1, stride_f=2) for _ in range(cfg.downsample))
         self.blocks = nn.ModuleList(D3Block(cfg.channels, cfg.growth, cfg.layers) for _ in range(cfg.blocks))
+        self.up = nn.ModuleList(ComplexConv2d(c, c, kernel_t=1) for _ in range(cfg.downsample))
         self.masks = ComplexConv2d(cfg.channels, 2, kernel_t=1)
         n, bins = cfg.window, cfg.bins
         t = torch.arange(n, dtype=torch.float64)
@@ -66,15 +84,41 @@ class D3NetAEC(nn.Module):
         self.register_buffer("dft_inverse", (inverse * window[None, :]).float(), persistent=False)
 
     # ---- the spectral core: [B, T, 2F] spectra of mic and reference -> enhanced spectra -----------------------
-    def _features(self, mic: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
-        """Compressed complex features [B, 4, T, F]: real parts of mic and reference, then imaginary parts."""
+    def _features(self, spectra: list[torch.Tensor]) -> torch.Tensor:
+        """Compressed complex features [B, 2n, T, F] of n spectra: all real parts, then all imaginary parts."""
         cfg = self.config
-        parts = []
-        for spectrum in (mic, reference):
+        real, imag = [], []
+        for spectrum in spectra:
             re, im = spectrum[..., : cfg.bins], spectrum[..., cfg.bins :]
             scale = (re * re + im * im + 1e-12) ** ((cfg.compress - 1) / 2)
-            parts.append((re * scale, im * scale))
-        return torch.stack([parts[0][0], parts[1][0], parts[0][1], parts[1][1]], dim=1)
+            real.append(re * scale)
+            imag.append(im * scale)
+        return torch.stack(real + imag, dim=1)
+
+    def _masks(self, spectra: list[torch.Tensor], blocks) -> torch.Tensor:
+        """Spectra [B, T, 2F] -> mask tensor [B, 4, T, F]; `blocks` runs the D3 blocks (whole or one frame)."""
+        features = self._features(spectra)
+        if self.training:  # channels-last convolutions train 2-3x faster on CPU (same numbers)
+            features = features.contiguous(memory_format=torch.channels_last)
+        x = self.encoder(features)
+        skips = []
+        for down in self.down:
+            skips.append(x)
+            x = complex_activation(down(x))
+        x = blocks(x)
+        for up, skip in zip(self.up, reversed(skips), strict=True):
+            x = complex_activation(up(upsample_frequency(x, skip.shape[-1]) + skip))
+        return self.masks(x)
+
+    def _signals(self, mic: torch.Tensor, reference: torch.Tensor, states: list[torch.Tensor] | None = None):
+        """The signals the network hears (the masked one first), and the filter's new states when streaming."""
+        if self.linear is None:
+            return [mic, reference], []
+        if states is None:
+            residual, estimate = self.linear(mic, reference)
+            return [residual, estimate, reference], []
+        residual, estimate, states = self.linear.step(mic, reference, states)
+        return [residual, estimate, reference], states
 
     def _apply_masks(self, mic: torch.Tensor, masks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Bounded complex masks [B, 4, T, F] on the mic spectrum [B, T, 2F] -> (near speech, echo removed)."""
@@ -93,12 +137,15 @@ class D3NetAEC(nn.Module):
         cfg = self.config
         length, overlap = mic.shape[-1], cfg.window - cfg.hop
         tail = (-length) % cfg.hop
-        spectra = [_frames(nn.functional.pad(x, (overlap, overlap + tail)), cfg) @ self.dft_forward
-                   for x in (mic, reference)]
-        x = self.encoder(self._features(*spectra))
-        for block in self.blocks:
-            x = block(x)
-        near, echo_free = self._apply_masks(spectra[0], self.masks(x))
+        signals, _ = self._signals(*(nn.functional.pad(x, (0, tail)) for x in (mic, reference)))
+        spectra = [_frames(nn.functional.pad(x, (overlap, overlap)), cfg) @ self.dft_forward for x in signals]
+
+        def blocks(x: torch.Tensor) -> torch.Tensor:
+            for block in self.blocks:
+                x = block(x)
+            return x
+
+        near, echo_free = self._apply_masks(spectra[0], self._masks(spectra, blocks))
         return tuple(_overlap_add(s @ self.dft_inverse, cfg.hop)[..., overlap : overlap + length]
                      for s in (near, echo_free))
 
@@ -107,11 +154,18 @@ class D3NetAEC(nn.Module):
         """Names and shapes of the streaming states, in the order `stream` takes and returns them."""
         cfg = self.config
         overlap = cfg.window - cfg.hop
-        shapes: dict[str, tuple[int, ...]] = {
-            "mic_buffer": (1, overlap), "reference_buffer": (1, overlap), "output_buffer": (1, overlap)}
+        shapes: dict[str, tuple[int, ...]] = {}
+        if self.linear is not None:
+            shapes.update({f"filter_{name}": shape for name, shape in self.linear.state_shapes().items()})
+        names = ["mic", "estimate", "reference"] if self.linear is not None else ["mic", "reference"]
+        shapes.update({f"{name}_buffer": (1, overlap) for name in names})
+        shapes["output_buffer"] = (1, overlap)
+        bins = cfg.bins
+        for _ in range(cfg.downsample):
+            bins = (bins + 1) // 2
         for b, block in enumerate(self.blocks):
             for g, frames in enumerate(block.history_frames()):
-                shapes[f"block{b}_group{g}"] = (1, 2 * block.group_channels[g], frames, cfg.bins)
+                shapes[f"block{b}_group{g}"] = (1, 2 * block.group_channels[g], frames, bins)
         return shapes
 
     def initial_states(self) -> list[torch.Tensor]:
@@ -123,21 +177,27 @@ class D3NetAEC(nn.Module):
     ) -> tuple[torch.Tensor, ...]:
         """One hop [1, hop] of mic and reference -> (near-end hop, *new states), `window - hop` samples late."""
         cfg = self.config
-        mic_buffer, reference_buffer, output_buffer, *histories = states
-        frames = [torch.cat([mic_buffer, mic], -1), torch.cat([reference_buffer, reference], -1)]
+        filter_count = len(self.linear.state_shapes()) if self.linear is not None else 0
+        signals, filter_states = self._signals(mic, reference, states[:filter_count] if filter_count else None)
+        *buffers, output_buffer = states[filter_count : filter_count + len(signals) + 1]
+        histories = states[filter_count + len(signals) + 1 :]
+        frames = [torch.cat([buffer, signal], -1) for buffer, signal in zip(buffers, signals, strict=True)]
         spectra = [(f @ self.dft_forward).unsqueeze(1) for f in frames]  # [1, 1, 2F]
-        x = self.encoder.step(self._features(*spectra), None)
         new_histories: list[torch.Tensor] = []
-        position = 0
-        for block in self.blocks:
-            count = len(block.history_frames())
-            x, updated = block.step(x, histories[position : position + count])
-            new_histories += updated
-            position += count
-        near, _ = self._apply_masks(spectra[0], self.masks.step(x, None))
+
+        def blocks(x: torch.Tensor) -> torch.Tensor:
+            position = 0
+            for block in self.blocks:
+                count = len(block.history_frames())
+                x, updated = block.step(x, histories[position : position + count])
+                new_histories.extend(updated)
+                position += count
+            return x
+
+        near, _ = self._apply_masks(spectra[0], self._masks(spectra, blocks))
         summed = (near[:, 0] @ self.dft_inverse) + nn.functional.pad(output_buffer, (0, cfg.hop))
         out, new_output = torch.split(summed, [cfg.hop, cfg.window - cfg.hop], dim=-1)
-        return (out, frames[0][:, cfg.hop :], frames[1][:, cfg.hop :], new_output, *new_histories)
+        return (out, *filter_states, *(f[:, cfg.hop :] for f in frames), new_output, *new_histories)
 
 
 def _frames(signal: torch.Tensor, cfg: D3NetAECConfig) -> torch.Tensor:

@@ -17,15 +17,15 @@ class ComplexConv2d(nn.Module):
     """A complex convolution (W_r + iW_i) * (x_r + ix_i), as one real convolution with a block weight.
 
     Kernel (2, k_f) in time x frequency with dilation (d_t, d_f); in time it looks at frames t and t - d_t.
-    A kernel of 1 in time needs no history.
+    A kernel of 1 in time needs no history. `stride_f` 2 halves the frequency resolution (bins -> (bins + 1) // 2).
     """
 
     def __init__(self, in_channels: int, out_channels: int, kernel_f: int = 3, kernel_t: int = 2,
-                 dilation_t: int = 1, dilation_f: int = 1, bias: bool = True):
+                 dilation_t: int = 1, dilation_f: int = 1, bias: bool = True, stride_f: int = 1):
         super().__init__()
         if kernel_t not in (1, 2):
             raise ValueError("kernel_t is 1 or 2 (a longer reach in time comes from the dilation)")
-        self.kernel_t, self.dilation_t, self.dilation_f = kernel_t, dilation_t, dilation_f
+        self.kernel_t, self.dilation_t, self.dilation_f, self.stride_f = kernel_t, dilation_t, dilation_f, stride_f
         self.pad_f = (kernel_f - 1) // 2 * dilation_f
         shape = (out_channels, in_channels, kernel_t, kernel_f)
         scale = (2 * in_channels * kernel_t * kernel_f) ** -0.5
@@ -41,13 +41,14 @@ class ComplexConv2d(nn.Module):
         """[B, 2Cin, T, F] -> [B, 2Cout, T, F], causal in time."""
         past = (self.kernel_t - 1) * self.dilation_t
         x = F.pad(x, (self.pad_f, self.pad_f, past, 0))
-        return F.conv2d(x, self._weight(), self.bias, dilation=(self.dilation_t, self.dilation_f))
+        return F.conv2d(x, self._weight(), self.bias, stride=(1, self.stride_f),
+                        dilation=(self.dilation_t, self.dilation_f))
 
     def step(self, frame: torch.Tensor, history: torch.Tensor | None) -> torch.Tensor:
         """One frame [B, 2Cin, 1, F] given `history` [B, 2Cin, d_t, F] (its oldest frame is t - d_t)."""
         x = frame if self.kernel_t == 1 else torch.cat([history[:, :, :1], frame], dim=2)
         x = F.pad(x, (self.pad_f, self.pad_f, 0, 0))
-        return F.conv2d(x, self._weight(), self.bias, dilation=(1, self.dilation_f))
+        return F.conv2d(x, self._weight(), self.bias, stride=(1, self.stride_f), dilation=(1, self.dilation_f))
 
 
 def complex_activation(x: torch.Tensor) -> torch.Tensor:
@@ -82,7 +83,7 @@ class D3Block(nn.Module):
         groups = [x]
         for convs in self.layers:
             groups.append(complex_activation(sum(conv(g) for conv, g in zip(convs, groups, strict=False))))
-        return x + self.mix(_cat_complex(groups))
+        return x + self.mix(cat_complex(groups))
 
     def history_frames(self) -> list[int]:
         """Past frames each group must keep for streaming (its time dilation); the last group needs none."""
@@ -94,12 +95,18 @@ class D3Block(nn.Module):
         for convs in self.layers:
             total = sum(conv.step(g, h) for conv, g, h in zip(convs, groups, histories, strict=False))
             groups.append(complex_activation(total))
-        out = frame + self.mix.step(_cat_complex(groups), None)
+        out = frame + self.mix.step(cat_complex(groups), None)
         new = [torch.cat([h[:, :, 1:], g], dim=2) for h, g in zip(histories, groups, strict=False)]
         return out, new
 
 
-def _cat_complex(groups: list[torch.Tensor]) -> torch.Tensor:
+def upsample_frequency(x: torch.Tensor, bins: int) -> torch.Tensor:
+    """[B, C, T, F] -> [B, C, T, bins]: every bin twice (nearest neighbour), cut to `bins` (at most 2F)."""
+    b, c, t, f = x.shape
+    return x.unsqueeze(-1).expand(b, c, t, f, 2).reshape(b, c, t, 2 * f)[..., :bins]
+
+
+def cat_complex(groups: list[torch.Tensor]) -> torch.Tensor:
     """Concatenate complex tensors along channels: all real parts, then all imaginary parts."""
     halves = [g.chunk(2, dim=1) for g in groups]
     return torch.cat([h[0] for h in halves] + [h[1] for h in halves], dim=1)

@@ -40,6 +40,7 @@ class ModelCard:
     states: list[StateSpec]
     sequence_graph: str | None = None  # same contract, any number of hops per call
     reference_input: str | None = None  # far-end signal, for echo cancellers
+    reference_lead: int = 0  # samples (model rate) by which the aligned reference should precede its echo
     parameters: int = 0
     description: str = ""
     training: dict[str, Any] = field(default_factory=dict)

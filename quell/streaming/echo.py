@@ -5,9 +5,11 @@
 
 The reference goes through the same resampler as the mic, then a fractional delay line: `DelayEstimator`
 finds the delay between the reference and its echo (up to `max_delay`, to a fraction of a sample) and the line
-holds the reference back by that much, so the model sees each far-end frame together with its echo. The delay
-track also gives the clock drift between playback and capture (`DriftEstimator`); the line then lets the delay
-grow (or shrink) by that many parts per million every sample, which resamples the reference to the mic's clock.
+holds the reference back by that much, so the model sees each far-end frame together with its echo (less the
+card's `reference_lead`: a model with a causal linear filter inside wants the echo's first arrival a little
+late). The delay track also gives the clock drift between playback and capture (`DriftEstimator`); the line
+then lets the delay grow (or shrink) by that many parts per million every sample, which resamples the reference
+to the mic's clock.
 Without a reference (None, or silence) the model works as a noise suppressor; a reference that never
 correlates is never aligned (it reports low confidence).
 """
@@ -112,7 +114,8 @@ class EchoCanceller(Denoiser):
             self._anchor_estimate, self._anchor_time = estimate, now - self.estimator.window // 2
         slope = (self.drift_ppm or 0.0) * 1e-6
         samples = now - hop + np.arange(hop)
-        return self._line.read(estimate.delay * rate + slope * (samples - self._anchor_time))
+        delay = estimate.delay * rate - self.card.reference_lead
+        return self._line.read(delay + slope * (samples - self._anchor_time))
 
 
 def aligned_output(

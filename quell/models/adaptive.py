@@ -1,0 +1,131 @@
+"""A linear echo canceller that lives inside a model's graph: a partitioned-block frequency-domain NLMS filter.
+
+The front end of hybrid echo cancellers (as the top AEC-Challenge systems): it models the loudspeaker-room-mic
+path as a linear filter of `partitions` hops (overlap-save, FFT of two hops, no window), subtracts its echo
+estimate from the mic, and hands the network both the residual and the estimate. Linear echo goes out without
+touching the near end; the network is left with what a linear filter cannot do (nonlinear loudspeakers, the
+room's tail beyond the filter, a path that just changed) and with noise.
+
+Double talk would make a single adaptive filter diverge, so there are two (as in SpeexDSP's MDF): a background
+filter that always adapts and a foreground filter that produces the output. The foreground takes the background's
+weights when the background's error has been smaller for a while; the background falls back to the foreground's
+when its error grows far beyond it (it diverged on near-end speech).
+
+Everything is tensor arithmetic on explicit states, so the filter exports to ONNX with the model, adapts hop
+by hop inside the step graph, and `forward` (a loop over `step`) gives training exactly what streaming does.
+No gradient flows through it: it is adapted by its own rule, not trained.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class AdaptiveEchoFilter(nn.Module):
+    """Mic and reference hops [B, hop] -> (residual, echo estimate) hops, adapting as it goes.
+
+    States (zeros at start), in `state_shapes` order: the previous reference hop, the reference spectra of the
+    last `partitions` hops, background and foreground weights, the smoothed reference power per bin, and the
+    smoothed error energies of both filters.
+    """
+
+    def __init__(self, hop: int, partitions: int, step_size: float = 0.5, power_smoothing: float = 0.7,
+                 energy_smoothing: float = 0.9, copy_ratio: float = 0.8, reset_ratio: float = 4.0,
+                 constrained: bool = True):
+        super().__init__()
+        self.hop, self.partitions, self.bins = hop, partitions, hop + 1
+        self.step_size, self.power_smoothing, self.energy_smoothing = step_size, power_smoothing, energy_smoothing
+        self.copy_ratio, self.reset_ratio, self.constrained = copy_ratio, reset_ratio, constrained
+        n = 2 * hop
+        t = torch.arange(n, dtype=torch.float64)
+        k = torch.arange(self.bins, dtype=torch.float64)
+        angle = 2 * torch.pi * t[:, None] * k[None, :] / n
+        forward = torch.cat([torch.cos(angle), -torch.sin(angle)], dim=1)  # frame [n] -> [re | im]
+        weight = torch.full((self.bins,), 2.0, dtype=torch.float64)
+        weight[0] = weight[-1] = 1.0
+        inverse = torch.cat([weight[:, None] * torch.cos(angle.T), -weight[:, None] * torch.sin(angle.T)], 0) / n
+        self.register_buffer("dft", forward.float(), persistent=False)
+        self.register_buffer("dft_second_half", forward[hop:].float(), persistent=False)  # spectrum of [0, x]
+        self.register_buffer("idft_tail", inverse[:, hop:].float(), persistent=False)  # last hop of the inverse
+        # the gradient constraint: weights whose impulse response fits in one hop (no circular wrap-around)
+        self.register_buffer("constraint", (inverse[:, :hop] @ forward[:hop]).float(), persistent=False)
+
+    def state_shapes(self, batch: int = 1) -> dict[str, tuple[int, ...]]:
+        """Names and shapes of the states, in the order `step` takes and returns them."""
+        spectra = (batch, self.partitions, 2 * self.bins)
+        return {"previous_reference": (batch, self.hop), "reference_spectra": spectra, "background": spectra,
+                "foreground": spectra, "reference_power": (batch, self.bins), "error_energy": (batch, 2)}
+
+    def initial_states(self, batch: int = 1) -> list[torch.Tensor]:
+        """Zero states for `step`."""
+        return [torch.zeros(shape) for shape in self.state_shapes(batch).values()]
+
+    def _estimate(self, weights: torch.Tensor, spectra: torch.Tensor) -> torch.Tensor:
+        """Echo estimate in time: sum over partitions of weights x reference spectra, last hop of the inverse."""
+        return _complex_product(weights, spectra).sum(1) @ self.idft_tail
+
+    def step(self, mic: torch.Tensor, reference: torch.Tensor, states: list[torch.Tensor]
+             ) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+        """One hop: (residual = mic - echo estimate, echo estimate, new states)."""
+        previous, spectra, background, foreground, power, energy = states
+        current = torch.cat([previous, reference], -1) @ self.dft  # [B, 2F]
+        spectra = torch.cat([current.unsqueeze(1), spectra[:, :-1]], 1)
+        echo_fore = self._estimate(foreground, spectra)
+        echo_back = self._estimate(background, spectra)
+        residual_fore, residual_back = mic - echo_fore, mic - echo_back
+
+        # NLMS step of the background filter, normalised per bin by the smoothed reference power
+        bins = self.bins
+        magnitude = current[:, :bins] ** 2 + current[:, bins:] ** 2
+        power = self.power_smoothing * power + (1 - self.power_smoothing) * magnitude
+        floor = 1e-6 * hop_energy_floor(self.hop) + 1e-3 * power.mean(-1, keepdim=True)
+        gain = (self.step_size / (self.partitions * (power + floor))).repeat(1, 2).unsqueeze(1)
+        error = (residual_back @ self.dft_second_half).unsqueeze(1)
+        gradient = gain * _complex_product(_conjugate(spectra), error)
+        if self.constrained:
+            gradient = gradient @ self.constraint
+        background = background + gradient
+
+        # which filter to trust: smoothed error energies of foreground and background
+        hop_energy = torch.stack([residual_fore.pow(2).sum(-1), residual_back.pow(2).sum(-1)], -1)
+        energy = self.energy_smoothing * energy + (1 - self.energy_smoothing) * hop_energy
+        fore_energy, back_energy = energy[:, :1], energy[:, 1:]
+        adopt = back_energy < self.copy_ratio * fore_energy  # background better: the foreground takes it
+        diverged = back_energy > self.reset_ratio * fore_energy + 1e-9  # background lost: back to the foreground
+        foreground = torch.where(adopt.unsqueeze(-1), background, foreground)
+        background = torch.where(diverged.unsqueeze(-1), foreground, background)
+        settled = torch.minimum(fore_energy, back_energy)
+        energy = torch.cat([torch.where(adopt, back_energy, fore_energy),
+                            torch.where(diverged, settled, back_energy)], -1)
+        return residual_fore, echo_fore, [reference, spectra, background, foreground, power, energy]
+
+    def forward(self, mic: torch.Tensor, reference: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Whole signals [B, samples] (a multiple of the hop) -> (residual, echo estimate), hop by hop."""
+        with torch.no_grad():
+            states = self.initial_states(mic.shape[0])
+            states = [s.to(mic.device) for s in states]
+            residuals, echoes = [], []
+            for start in range(0, mic.shape[-1], self.hop):
+                stop = start + self.hop
+                residual, echo, states = self.step(mic[:, start:stop], reference[:, start:stop], states)
+                residuals.append(residual)
+                echoes.append(echo)
+        return torch.cat(residuals, -1), torch.cat(echoes, -1)
+
+
+def hop_energy_floor(hop: int) -> float:
+    """Spectral power of a full-scale hop (2 * hop samples in the FFT): regularisation scales with it."""
+    return float(2 * hop)
+
+
+def _conjugate(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat([x[..., :half], -x[..., half:]], -1)
+
+
+def _complex_product(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Elementwise product of [..., re | im] tensors."""
+    half = a.shape[-1] // 2
+    ar, ai, br, bi = a[..., :half], a[..., half:], b[..., :half], b[..., half:]
+    return torch.cat([ar * br - ai * bi, ar * bi + ai * br], -1)
