@@ -3,6 +3,9 @@
 The pure-delay model makes timing exact: at 16 kHz its output is the input delayed by exactly 511 samples,
 and so is the engine's dry path, so every pulled sample is either the input `engine.latency` earlier or
 silence that was counted.
+
+The echo tests use the ideal subtractor (output = mic - reference as the canceller aligns it): its output
+shows exactly which reference sample went with which mic sample.
 """
 
 from __future__ import annotations
@@ -18,11 +21,14 @@ import soundfile as sf
 from click.testing import CliRunner
 
 from quell.cli import main
+from quell.dns.metrics import erle
 from quell.streaming.denoiser import Denoiser
+from quell.streaming.echo import EchoCanceller
 from quell.streaming.live import LiveEngine, LiveStats, _step_strength
 from tests.allocation import peak_allocation
 from tests.audio_server import skip_without_portaudio
-from tests.delay_model import write_delay_model
+from tests.delay_model import write_delay_model, write_subtractor_model
+from tests.test_align import _talker
 from tests.test_cli import assert_one_error
 
 
@@ -31,16 +37,21 @@ def delay_card(tmp_path_factory):
     return write_delay_model(tmp_path_factory.mktemp("delay"))
 
 
+@pytest.fixture(scope="module")
+def subtractor(tmp_path_factory):
+    return write_subtractor_model(tmp_path_factory.mktemp("aec"))
+
+
 def _noise(seconds: float, rate: int, seed: int = 0) -> np.ndarray:
     return (0.1 * np.random.default_rng(seed).standard_normal(round(seconds * rate))).astype(np.float32)
 
 
-def _play(engine: LiveEngine, signal: np.ndarray, block: int) -> np.ndarray:
-    """Be a duplex audio callback in real time: every block period, push a block and pull one."""
+def _play(engine: LiveEngine, signal: np.ndarray, block: int, reference: np.ndarray | None = None) -> np.ndarray:
+    """Be a duplex audio callback in real time: every block period, push a block (and its reference) and pull one."""
     out = np.zeros_like(signal)
     period, due = block / engine.sample_rate, time.perf_counter()
     for start in range(0, len(signal), block):
-        engine.push(signal[start : start + block])
+        engine.push(signal[start : start + block], None if reference is None else reference[start : start + block])
         engine.pull(out[start : start + block])
         due += period
         time.sleep(max(0.0, due - time.perf_counter()))
@@ -161,12 +172,15 @@ def test_recordings_refuse_to_overwrite(delay_card, tmp_path):
     assert (tmp_path / "out.wav").read_bytes() == b"keep me"
 
 
-def test_push_and_pull_allocate_no_arrays(delay_card):
-    engine = LiveEngine(delay_card, sample_rate=48000, block=480)
+@pytest.mark.parametrize("echo", [False, True], ids=["denoiser", "echo"])
+def test_push_and_pull_allocate_no_arrays(delay_card, subtractor, echo):
+    engine = LiveEngine(subtractor if echo else delay_card, sample_rate=48000, block=480)
     mic, speaker = np.ones(480, np.float32), np.empty((480, 1), np.float32)
 
     def step() -> None:
-        engine.push(mic)
+        engine.push(mic, mic if echo else None)
+        if echo:
+            engine.push_reference(mic)  # as a monitor stream's callback does
         engine.pull(speaker)
 
     peak = peak_allocation(step, 100)
@@ -179,6 +193,11 @@ def test_controls_reach_the_denoiser(delay_card):
     engine.attenuation_limit_db = 6.0
     assert engine.denoiser.bypass and engine.denoiser.attenuation_limit_db == 6.0
     assert engine.stats().bypass and "bypass" in engine.stats().line()
+    assert not engine.aec and engine.stats().aec is None and "aec" not in engine.stats().line()
+    with pytest.raises(ValueError, match="takes no far-end reference"):
+        engine.aec = True
+    with pytest.raises(ValueError, match="takes no far-end reference"):
+        engine.push_reference(np.zeros(160, np.float32))
     # + and - step through the strengths; the top step is no limit at all
     assert _step_strength(None, 1) is None and _step_strength(None, -1) == 48.0
     assert _step_strength(13.0, 1) == 18.0 and _step_strength(0.0, -1) == 0.0
@@ -246,3 +265,94 @@ def test_no_audio_devices_is_one_line(delay_card, tmp_path):
     assert done.returncode == 2, done.stderr
     assert done.stderr.strip().splitlines() == ["error: no audio devices found (no sound card, and no sound "
                                                 "server that PortAudio can reach)"]
+
+
+# ----- echo cancellation: the far end as a second stream -----
+
+
+def _echo_scene(seconds: float, delay: float, rate: int = 16000) -> tuple[np.ndarray, np.ndarray]:
+    """(mic, far end): the mic hears the far end `delay` seconds late, and nothing else."""
+    far = _talker(seconds, 11)
+    lag = round(delay * rate)
+    return np.concatenate([np.zeros(lag, np.float32), far[: far.size - lag]]), far
+
+
+def test_echo_is_cancelled_as_offline_one_buffer_later(subtractor):
+    mic, far = _echo_scene(4.0, 0.1)
+    with LiveEngine(subtractor, sample_rate=16000, block=160, buffer_ms=200) as engine:
+        out = _play(engine, mic, 160, reference=far)
+    offline = EchoCanceller(subtractor, sample_rate=16000).process(mic, far)
+    stats = engine.stats()
+    assert stats.late == 0 and stats.reference_gaps == 0 and stats.aec
+    # the same hops of the same (mic, reference) pairs through the same graph: equal up to float rounding
+    np.testing.assert_allclose(out, _delayed(offline, engine.buffering), atol=1e-6)
+    settled = slice(3 * 16000, None)  # the canceller has found the delay (2 s at most) and cancels the echo
+    assert erle(mic[settled], out[settled]) > 20
+    assert stats.echo_delay_ms == pytest.approx(100, abs=1) and "aec on (echo 100 ms" in stats.line()
+
+
+def test_aec_off_is_the_noise_suppressor_path(subtractor):
+    mic, far = _echo_scene(1.0, 0.1)
+    with LiveEngine(subtractor, sample_rate=16000, block=160, buffer_ms=200) as engine:
+        engine.aec = False
+        out = _play(engine, mic, 160, reference=far)
+    # what the model does with no reference at all; for the subtractor, the mic itself: the echo stays
+    offline = EchoCanceller(subtractor, sample_rate=16000).process(mic, None)
+    np.testing.assert_allclose(out, _delayed(offline, engine.buffering), atol=1e-6)
+    np.testing.assert_allclose(out, _delayed(mic, round(engine.latency * 16000)), atol=1e-6)
+    assert engine.stats().aec is False and "aec off" in engine.stats().line()
+
+
+def test_mic_and_reference_stay_in_step_through_a_catch_up(subtractor, tmp_path):
+    """The worker starts 50 ms more behind than it may be: those samples of both streams go past the model.
+
+    If the catch-up took only the mic, the model would get every later mic sample with a reference 50 ms
+    early (less than the lead that the engine cuts back) and its output would not be the offline one.
+    """
+    mic, far = _echo_scene(1.5, 0.1)
+    engine = LiveEngine(subtractor, sample_rate=16000, block=160, playback=False, record=tmp_path / "out.wav")
+    late = 800
+    backlog = engine._late_after + late
+    for start in range(0, backlog, 160):  # before start(): the worker finds all of it at once
+        engine.push(mic[start : start + 160], far[start : start + 160])
+    with engine:
+        pass
+    assert engine.catchups == 1
+    out, _ = sf.read(tmp_path / "out.wav", dtype="float32")
+    lag = round(engine.latency * 16000)
+    np.testing.assert_array_equal(out[:late], _delayed(mic[:late], lag))  # the dry path, at the same latency
+    model = EchoCanceller(subtractor, sample_rate=16000).process(mic[late:backlog], far[late:backlog])
+    np.testing.assert_allclose(out[late + lag :], model[lag:], atol=1e-6)  # `lag` samples are stale: dry
+
+
+@pytest.mark.parametrize("offset", [30, -4], ids=["reference-first", "mic-first"])
+def test_a_reference_from_a_stream_of_its_own_is_paired_by_arrival(subtractor, offset):
+    """The far end from a stream of its own that delivers two blocks at a time, as a monitor source's may,
+    and starts `offset` blocks (10 ms) before the mic's (or after). The echo reaches the mic 100 ms after the
+    far end is pushed: the engine must pair each reference sample with the mic sample that came at about the
+    same time, so that the canceller finds about that delay (300 ms of reference in hand would put the echo
+    before it). One thread plays both callbacks, in real time, so that the order of the pushes is fixed."""
+    rate, block = 16000, 160
+    far = _talker(4.5, 12)
+    lag = 10 * block - offset * block  # mic sample i hears far sample i - lag (the far end's own count)
+    mic = np.concatenate([np.zeros(max(lag, 0), np.float32), far[max(-lag, 0) :]])[: 4 * rate]
+    out = np.zeros_like(mic)
+    mic_first, far_first = max(offset, 0), max(-offset, 0)  # the block periods at which each stream starts
+    engine = LiveEngine(subtractor, sample_rate=rate, block=block, buffer_ms=40)
+    with engine:
+        due = time.perf_counter()
+        for period in range(mic_first + len(mic) // block):
+            since = period - far_first
+            if since >= 1 and since % 2 == 1:  # the two blocks up to now, one of them a period late
+                engine.push_reference(far[(since - 1) * block : (since + 1) * block])
+            if period >= mic_first:
+                at = (period - mic_first) * block
+                engine.push(mic[at : at + block])
+                engine.pull(out[at : at + block])
+            due += block / rate
+            time.sleep(max(0.0, due - time.perf_counter()))
+    stats = engine.stats()
+    settled = slice(3 * rate, None)
+    assert erle(mic[settled], out[settled]) > 20, stats
+    assert 80 <= stats.echo_delay_ms <= 100, stats  # less the period by which the pairing may be off
+    assert stats.reference_gaps <= 1, stats  # the late half of a burst is waited for; one gap as the far end starts

@@ -4,6 +4,7 @@ Two threads meet at ring buffers:
 
     audio callback:  device in -> push -> [input ring] ................ [output ring] -> pull -> device out
     worker thread:                        [input ring] -> Denoiser ---> [output ring]
+    (echo models:    playback -> push_reference -> [reference ring] -> EchoCanceller, hop by hop with the mic)
 
 The callback only copies samples (no lock, no array allocation, never waits); the worker runs the model hop by
 hop on whatever has arrived, so the device block size has nothing to do with the model's hop. The output ring
@@ -16,6 +17,18 @@ between two devices.) When the worker falls so far behind that the model's outpu
 passes the late input through a dry path with the model's delay instead (cheap), and after three such
 catch-ups within ten seconds it leaves the model out for ten seconds. Output ring underflows, input ring
 overflows and the device's own xruns are all counted.
+
+With an echo model (a card with a `reference_input`) the engine also takes the far end, what is being played,
+into a reference ring of its own, and the worker takes one reference sample for every mic sample it takes,
+whichever path those go (model, dry catch-up, dropped input), so the two never slip apart there. The reference
+may come from another stream (a monitor source) on its own schedule, a little before or after the mic's
+callback: the worker waits for it while the mic's backlog is within half the output's head start (two such
+streams were seen here to drift a block apart and back). Where it is later than that, silence stands in for
+it (`reference_gaps`) and it is used when it comes, so it slips behind by that much; a reference that runs
+further ahead of the mic than `_REFERENCE_LEAD` seconds (a stream that started earlier, or a faster clock) is
+cut back. So a reference sample goes with the mic sample that arrived at about the same time, and what is left,
+the echo path and the difference between the two captures' latencies, is the delay that `EchoCanceller` finds
+(0 to 0.5 s); each slip or cut changes that delay, and the canceller takes a second or so to follow.
 
 `LiveEngine` is the part without devices, for an application's own audio callback; `LiveSession` adds the
 devices (sounddevice), the WAV sinks, the virtual microphone, the controls and the status line.
@@ -41,13 +54,16 @@ import numpy as np
 import soundfile as sf
 
 from quell.streaming.card import ModelCard
+from quell.streaming.catalog import find_model
 from quell.streaming.denoiser import Denoiser
+from quell.streaming.echo import EchoCanceller
 from quell.streaming.ringbuffer import RingBuffer, SampleFifo
 from quell.streaming.virtualmic import VirtualMicrophone, default_source
 
 _RING_SECONDS = 2.0  # input and output rings hold this much audio beyond the buffering
 _CATCHUPS_TO_BYPASS, _OVERLOAD_WINDOW, _BYPASS_SECONDS = 3, 10.0, 10.0
 _COST_HISTORY = 4096  # hop costs kept for the p50/p99 (about 30 s of DTLN hops)
+_REFERENCE_LEAD = 0.1  # seconds the reference may run ahead of the mic before the excess is cut (clock drift)
 
 
 class LiveError(OSError):
@@ -69,6 +85,9 @@ class LiveStats:
     overloaded: bool = False  # the model is left out for a while: it could not keep up
     bypass: bool = False
     attenuation_limit_db: float | None = None
+    aec: bool | None = None  # echo cancellation on or off; None: the model takes no far-end reference
+    echo_delay_ms: float | None = None  # the echo's delay behind the reference, once the estimator is sure of it
+    reference_gaps: int = 0  # times the reference came too late and silence stood in for it
     device_in_ms: float = 0.0  # capture latency of the device, as the device reports it
     device_out_ms: float = 0.0  # playback latency of the device, as the device reports it
     device_xruns: int = 0  # over- and underflows that the device reported
@@ -86,10 +105,14 @@ class LiveStats:
         """One status line."""
         state = "OVERLOADED, model bypassed" if self.overloaded else ("bypass" if self.bypass else "on")
         limit = "none" if self.attenuation_limit_db is None else f"{self.attenuation_limit_db:g} dB"
-        return (f"{self.seconds:7.1f} s | hop {self.hop_p50_ms:.2f}/{self.hop_p99_ms:.2f} ms p50/p99 | latency "
+        line = (f"{self.seconds:7.1f} s | hop {self.hop_p50_ms:.2f}/{self.hop_p99_ms:.2f} ms p50/p99 | latency "
                 f"{self.latency_ms:.0f} ms = in {self.device_in_ms:.0f} + model {self.algorithmic_ms:.0f} + buffer "
                 f"{self.buffering_ms:.0f} + out {self.device_out_ms:.0f} | xruns {self.xruns} (late {self.late}, "
                 f"dropped {self.dropped}, device {self.device_xruns}) | {state} | limit {limit}")
+        if self.aec is not None:
+            echo = "echo delay unknown" if self.echo_delay_ms is None else f"echo {self.echo_delay_ms:.0f} ms"
+            line += f" | aec {'on' if self.aec else 'off'} ({echo}, reference gaps {self.reference_gaps})"
+        return line
 
 
 class _Recording:
@@ -125,19 +148,35 @@ class LiveEngine:
             engine.pull(speaker)               # the enhanced mic, engine.latency seconds later
         engine.stop()
 
+    With an echo model, the far end too: what the application plays, in the same callback or another one.
+
+        engine = LiveEngine("aec", sample_rate=48000, block=480)
+        engine.start()
+        def audio_callback(mic, speaker):          # a call: the far end is played, the mic is sent
+            speaker[:] = far_end_block()           # what the application plays now
+            engine.push(mic, reference=speaker)    # the mic, and what was playing while it was captured
+            engine.pull(to_send)                   # the mic without the far end's echo, engine.latency later
+        engine.stop()
+
     One thread pushes and one thread pulls (the same or two), on one clock: as many samples pushed as pulled
     over time, as a duplex callback does (see the module for why). `playback=False` is for a sink without a
     device: nothing pulls, and the worker writes the enhanced stream to `record` instead. `record` keeps what
     `pull` handed out (or, without playback, the enhanced stream) and `record_input` what was pushed, both as
     float WAV files on the same timeline. If the worker fails, the exception is kept in `error` and `pull` goes
     on handing out silence (counted as late), since an audio callback cannot take an exception.
+
+    The reference can also come from a capture of its own (a monitor source): `push_reference` from that
+    stream's callback, as lock-free as `push`. `aec` switches echo cancellation at run time; off, the model
+    gets a silent reference, i.e. works as a noise suppressor, while the reference is still taken in step with
+    the mic, so that switching back on needs no new alignment. `max_echo_delay` is the longest delay of the
+    echo behind the reference that the canceller looks for.
     """
 
     def __init__(
         self, model: str | Path | ModelCard = "dtln", sample_rate: int = 48000, channels: int = 1, block: int = 480,
         buffer_ms: float = 20.0, playback: bool = True, record: str | Path | None = None,
         record_input: str | Path | None = None, overwrite: bool = False, providers: list[str] | None = None,
-        attenuation_limit_db: float | None = None,
+        attenuation_limit_db: float | None = None, max_echo_delay: float = 0.5,
     ):
         if block < 1:
             raise ValueError(f"the block must be at least one sample, got {block}")
@@ -145,12 +184,23 @@ class LiveEngine:
             raise ValueError(f"the buffer cannot be negative, got {buffer_ms} ms")
         if not playback and record is None:
             raise ValueError("without playback, give a file to record to")
-        self.denoiser = Denoiser(model, sample_rate, channels, providers=providers,
-                                 attenuation_limit_db=attenuation_limit_db)
+        card = find_model(model)
+        if card.reference_input:
+            self.denoiser: Denoiser = EchoCanceller(card, sample_rate, channels, max_echo_delay, providers=providers,
+                                                    attenuation_limit_db=attenuation_limit_db)
+        else:
+            self.denoiser = Denoiser(card, sample_rate, channels, providers=providers,
+                                     attenuation_limit_db=attenuation_limit_db)
         self.sample_rate, self.channels, self.block, self.playback = sample_rate, channels, block, playback
         self.buffering = block + round(buffer_ms * sample_rate / 1000) if playback else 0  # samples
         ring = max(int(_RING_SECONDS * sample_rate), 8 * block)
         self._input = RingBuffer(ring, channels)
+        # the far end (echo models only): its ring, the worker's copy of it, and how it keeps pace with the mic
+        self._reference = RingBuffer(ring, channels) if card.reference_input else None
+        self._far = np.zeros((ring, channels), np.float32) if card.reference_input else None
+        self._aec = self._reference is not None
+        self.reference_gaps = 0
+        self._reference_lead = max(round(_REFERENCE_LEAD * sample_rate), 2 * block)
         self._output = RingBuffer(self.buffering + ring, channels)
         self._output.write(np.zeros((self.buffering, channels), np.float32))  # the head start
         self._owed = 0  # pull side: samples that came after their slot had been played, to be skipped
@@ -162,6 +212,7 @@ class LiveEngine:
         self._chunk = np.zeros((ring, channels), np.float32)
         self._silence = np.zeros((ring, channels), np.float32)
         self._late_after = self.buffering if playback else ring // 2  # backlog past which output is too late
+        self._patience = self._late_after // 2  # backlog up to which the worker waits for the reference
         self._dry_for = 0  # samples to take from the dry path while the model's output is stale
         self._records: list[_Recording] = []
         self._record = self._record_input = None
@@ -204,6 +255,17 @@ class LiveEngine:
         self.denoiser.attenuation_limit_db = value
 
     @property
+    def aec(self) -> bool:
+        """Echo cancellation on (the model hears the reference) or off (it hears silence: noise suppression)."""
+        return self._aec
+
+    @aec.setter
+    def aec(self, value: bool) -> None:
+        if value and self._reference is None:
+            raise ValueError(f"model {self.denoiser.card.name!r} takes no far-end reference: it cannot cancel echo")
+        self._aec = bool(value)
+
+    @property
     def overloaded(self) -> bool:
         """The worker could not keep up and leaves the model out for a while (see the module)."""
         return time.monotonic() < self._overloaded_until
@@ -215,9 +277,21 @@ class LiveEngine:
 
     # ----- the audio side: one thread pushes, one thread pulls; no lock, no array allocated, no waiting -----
 
-    def push(self, samples: np.ndarray) -> None:
-        """Hand over captured samples, [n] or [n, channels]; what does not fit is dropped and counted."""
+    def push(self, samples: np.ndarray, reference: np.ndarray | None = None) -> None:
+        """Hand over captured samples, [n] or [n, channels]; what does not fit is dropped and counted.
+
+        `reference`: what was played while they were captured, as many samples, mono [n] or [n, channels]
+        (echo models; the same as `push_reference` just before).
+        """
+        if reference is not None:  # first: the worker must never see mic samples whose reference is yet to come
+            self.push_reference(reference)
         self._input.write(samples if samples.ndim == 2 else samples[:, None])
+
+    def push_reference(self, samples: np.ndarray) -> None:
+        """Hand over far-end samples, what is being played, [n] or [n, channels]: mono goes to every channel."""
+        if self._reference is None:
+            raise ValueError(f"model {self.denoiser.card.name!r} takes no far-end reference")
+        self._reference.write(samples if samples.ndim == 2 else samples[:, None])  # [n, 1] broadcasts, no copy
 
     def pull(self, out: np.ndarray) -> None:
         """Fill `out`, [n] or [n, channels], with the enhanced stream; what is not ready is silence, counted."""
@@ -274,16 +348,16 @@ class LiveEngine:
                 stopping = self._stopping  # read first: whatever was pushed before stop() still gets processed
                 self._drain_tap()
                 backlog = self._input.available
-                if backlog:
-                    self._catch_up(backlog)
-                elif stopping:
+                if backlog and self._catch_up(backlog, wait=not stopping):
+                    continue
+                if stopping and not backlog:
                     return
-                else:
-                    time.sleep(self._poll)
+                time.sleep(self._poll)
         except BaseException as error:  # reported by the session; the callback keeps going (silence, counted)
             self.error = error
 
-    def _catch_up(self, backlog: int) -> None:
+    def _catch_up(self, backlog: int, wait: bool) -> bool:
+        """Pass the backlog on; False when all of it waits for its reference (`wait`: it may, see the module)."""
         dropped = self._input.dropped - self._dropped_seen  # input the ring could not take: silence in its place
         if dropped:
             self._dropped_seen += dropped
@@ -294,7 +368,10 @@ class LiveEngine:
             self._pass(late, model=False)
             self._dry_for = math.ceil(self.denoiser.latency_samples)  # the model's next output is stale
             backlog -= late
+        if wait and self._aec and backlog <= self._patience:
+            backlog = min(backlog, self._reference.available)
         self._pass(backlog, model=not self.overloaded)
+        return backlog > 0
 
     def _pass(self, n: int, model: bool, source: np.ndarray | None = None) -> None:
         """Move n samples from the input ring (or `source`) through the model or the dry path to the sinks."""
@@ -305,19 +382,39 @@ class LiveEngine:
                 self._input.read(chunk)
             else:
                 chunk[:] = source[:size]
+            far = self._take_reference(size)
             if self._record_input is not None:
                 self._record_input.write(chunk)
             self._dry.push(chunk)
             dry = self._dry.pop(size)
-            out = self._enhance(chunk, dry) if model else dry
+            out = self._enhance(chunk, dry, far) if model else dry
             if self.playback:
                 self._output.write(out)
             else:
                 self._record.write(out)
 
-    def _enhance(self, chunk: np.ndarray, dry: np.ndarray) -> np.ndarray:
+    def _take_reference(self, n: int) -> np.ndarray | None:
+        """The reference for the next n mic samples, whatever becomes of them (None without a reference ring).
+
+        What has not come yet is silence, and the reference slips behind by that much (it is used when it
+        comes); a reference that is further ahead of the mic than `_reference_lead` is cut back first.
+        """
+        if self._reference is None:
+            return None
+        far = self._far[:n]
+        ahead = self._reference.available - self._input.available - n  # beyond this mic sample and the backlog
+        if ahead > self._reference_lead:
+            self._reference.skip(ahead)
+        got = self._reference.read(far[: min(n, self._reference.available)])
+        if got < n:
+            far[got:] = 0.0
+            if self._aec and self._reference.written:  # a gap, not a reference that has yet to start
+                self.reference_gaps += 1
+        return far if self._aec else None
+
+    def _enhance(self, chunk: np.ndarray, dry: np.ndarray, far: np.ndarray | None = None) -> np.ndarray:
         started = time.perf_counter()
-        out = self.denoiser.process(chunk)
+        out = self.denoiser.process(chunk) if self._reference is None else self.denoiser.process(chunk, far)
         self._note_cost(time.perf_counter() - started, len(chunk))
         if self._dry_for:
             k = min(self._dry_for, len(out))
@@ -364,7 +461,13 @@ class LiveEngine:
             algorithmic_ms=self.denoiser.latency * 1e3, buffering_ms=self.buffering / self.sample_rate * 1e3,
             late=self._output.underflows, dropped=self._input.overflows, catchups=self.catchups,
             overloaded=self.overloaded, bypass=self.bypass, attenuation_limit_db=self.attenuation_limit_db,
+            aec=None if self._reference is None else self.aec, echo_delay_ms=self._echo_delay_ms(),
+            reference_gaps=self.reference_gaps,
         )
+
+    def _echo_delay_ms(self) -> float | None:
+        alignment = getattr(self.denoiser, "alignment", None)  # EchoCanceller's, once it is sure of one
+        return None if alignment is None else alignment.delay * 1e3
 
 
 def _sounddevice():
