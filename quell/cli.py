@@ -242,7 +242,8 @@ def bench(model, hops, seconds, as_json) -> None:
 
 
 @main.command()
-@click.option("-m", "--model", default="dtln", show_default=True, help="Shipped model name or a .json card.")
+@click.option("-m", "--model", default=None,
+              help="Shipped model name or a .json card [default: dtln; with --aec: aec, the shipped echo model].")
 @click.option("-i", "--input", "input_device", default=None,
               help="Input device: index or part of its name (`quell devices`); default: the system's.")
 @click.option("-o", "--output", "output_device", default=None,
@@ -264,7 +265,9 @@ def bench(model, hops, seconds, as_json) -> None:
 @click.option("--attenuation-limit", type=click.FloatRange(0), default=None,
               help="Suppression strength: remove at most this many dB of noise (default: no limit).")
 @click.option("--bypass", is_flag=True, help="Start in bypass (the input passes through at the same latency).")
-@click.option("--aec", is_flag=True, help="Cancel the echo of what the output device plays.")
+@click.option("--aec", is_flag=True,
+              help="Cancel the echo of what the speakers play, heard through the monitor source of their sink "
+                   "(PulseAudio/PipeWire: PULSE_SINK or the default sink); needs an echo model.")
 @click.option("--device", "compute", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
               help="Where the model runs (cuda needs onnxruntime-gpu).")
 @click.option("--duration", type=click.FloatRange(0, min_open=True), default=None,
@@ -274,8 +277,9 @@ def live(model, input_device, output_device, record, record_input, overwrite, vi
          buffer_ms, attenuation_limit, bypass, aec, compute, duration, as_json) -> None:
     """Enhance a microphone in real time: to an output device, a WAV file, or a virtual microphone.
 
-    On a terminal, b toggles bypass, + and - step the suppression strength, q quits; SIGUSR1 toggles bypass.
-    The status line shows the per-hop cost, the end-to-end latency and its parts, and xruns.
+    On a terminal, b toggles bypass, a echo cancellation (with --aec), + and - step the suppression strength,
+    q quits; SIGUSR1 toggles bypass. The status line shows the per-hop cost, the end-to-end latency and its
+    parts, xruns, and with --aec whether it is on, the echo delay it found and gaps in the far end.
     """
     import dataclasses
     import json
@@ -283,11 +287,10 @@ def live(model, input_device, output_device, record, record_input, overwrite, vi
     from quell.streaming.catalog import find_model, list_models
     from quell.streaming.live import LiveSession
 
-    if aec:
-        echo_models = [card.name for card in list_models() if card.task == "echo"]
-        if not echo_models:
-            raise ValueError("no echo-cancellation model is installed yet")
-        raise ValueError(f"echo cancellation in quell live is not built yet (installed: {', '.join(echo_models)})")
+    if model is None:
+        if aec and "aec" not in [card.name for card in list_models()]:
+            raise ValueError("no echo-cancellation model is installed (give one with -m CARD.json)")
+        model = "aec" if aec else "dtln"
     find_model(model)  # an unknown model fails before any device is opened
     providers = None
     if compute == "cuda":
@@ -298,7 +301,7 @@ def live(model, input_device, output_device, record, record_input, overwrite, vi
             raise ValueError(f"--device cuda needs onnxruntime-gpu (this onnxruntime has {', '.join(available)})")
         providers = ["CUDAExecutionProvider", "CPUExecutionProvider"]
     session = LiveSession(model, input_device, output_device, record, record_input, overwrite, rate, channels,
-                          block_ms, buffer_ms, attenuation_limit, providers, virtual_mic, bypass)
+                          block_ms, buffer_ms, attenuation_limit, providers, virtual_mic, bypass, aec=aec)
     terminal = sys.stderr.isatty()
 
     def report(stats) -> None:

@@ -22,9 +22,10 @@ from click.testing import CliRunner
 
 from quell.cli import main
 from quell.dns.metrics import erle
+from quell.streaming import catalog
 from quell.streaming.denoiser import Denoiser
 from quell.streaming.echo import EchoCanceller
-from quell.streaming.live import LiveEngine, LiveStats, _step_strength
+from quell.streaming.live import LiveEngine, LiveError, LiveSession, LiveStats, _step_strength
 from tests.allocation import peak_allocation
 from tests.audio_server import skip_without_portaudio
 from tests.delay_model import write_delay_model, write_subtractor_model
@@ -225,8 +226,16 @@ def _live(*args: str):
     return CliRunner().invoke(main, ["live", *args])
 
 
-def test_aec_without_an_echo_model_is_one_line(delay_card):
-    assert_one_error(_live("-m", str(delay_card), "--aec"), 2, "no echo-cancellation model is installed yet")
+def test_aec_without_an_echo_model_is_one_line(delay_card, tmp_path, monkeypatch):
+    assert_one_error(_live("-m", str(delay_card), "--aec"), 2, "model 'delay' is not an echo canceller")
+    monkeypatch.setattr(catalog, "ASSETS", tmp_path)  # a package that ships no echo model (none does yet)
+    assert_one_error(_live("--aec"), 2, "no echo-cancellation model is installed")
+
+
+def test_aec_with_an_output_device_that_has_no_monitor_is_refused(subtractor):
+    session = LiveSession(subtractor, output_device="hw:0,0", aec=True)
+    with pytest.raises(LiveError, match="'hw:0,0' has no monitor source .* -o pulse does"):
+        session._find_monitor(None, {"name": "hw:0,0"}, 48000)  # before anything looks for a sound server
 
 
 def test_cuda_without_onnxruntime_gpu_is_one_line(delay_card):

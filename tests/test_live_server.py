@@ -8,6 +8,9 @@ can be measured to the sample. The server's own buffering (tens of ms, different
 device latency that PortAudio reports; it is not measurable to a block through PulseAudio and is not
 asserted here.
 
+For --aec, a loopback module carries what "spk" plays into "mic" 60 ms later, as a room carries the speakers'
+sound to the microphone; the echo model is the ideal subtractor of tests/delay_model.py.
+
 Lines that PortAudio and ALSA print themselves ("ALSA lib ...", "Expression ... failed") are not quell's
 and are left out when checking that an error is one line.
 """
@@ -16,6 +19,8 @@ from __future__ import annotations
 import json
 import os
 import pty
+import re
+import select
 import shutil
 import signal
 import subprocess
@@ -27,9 +32,11 @@ import numpy as np
 import pytest
 import soundfile as sf
 
+from quell.dns.metrics import erle
 from quell.streaming.denoiser import Denoiser
 from tests.audio_server import PulseServer, skip_without_portaudio
-from tests.delay_model import write_delay_model
+from tests.delay_model import write_delay_model, write_subtractor_model
+from tests.test_align import _talker
 
 RATE = 48000
 
@@ -94,8 +101,8 @@ def _noise_file(folder: Path, seconds: float, seed: int = 0) -> tuple[Path, np.n
     return path, noise
 
 
-def _play(server: PulseServer, path: Path) -> subprocess.Popen:
-    return subprocess.Popen(["paplay", "-d", "mic", str(path)], env=server.env, stderr=subprocess.DEVNULL)
+def _play(server: PulseServer, path: Path, sink: str = "mic") -> subprocess.Popen:
+    return subprocess.Popen(["paplay", "-d", sink, str(path)], env=server.env, stderr=subprocess.DEVNULL)
 
 
 def _when_capturing(server: PulseServer, process: subprocess.Popen, timeout: float = 20.0) -> None:
@@ -261,6 +268,84 @@ def _one_error(status: int, err: list[str], *words: str) -> None:
     assert status == 2, err
     assert len(lines) == 1 and lines[0].startswith("error: "), err
     assert all(word in lines[0] for word in words), lines[0]
+
+
+def test_aec_cancels_the_echo_of_what_the_speakers_play(pulse, tmp_path):
+    """The far end plays on the default sink; its monitor is the reference, and the echo comes back through
+    the loopback. `a` on the terminal switches echo cancellation off at 4 s of audio: the echo that the
+    canceller took out is back (the subtractor without a reference passes the mic through)."""
+    import soxr
+
+    card = write_subtractor_model(tmp_path / "aec")
+    far = soxr.resample(_talker(8.0, 1), 16000, RATE).astype(np.float32)
+    sf.write(tmp_path / "far.wav", far, RATE, "FLOAT")
+    room = pulse.pactl("load-module", "module-loopback", "source=spk.monitor", "sink=mic", "latency_msec=60",
+                       "adjust_time=0").strip()
+    controller, terminal = pty.openpty()
+    player = None
+    try:
+        quell = subprocess.Popen([sys.executable, "-m", "quell.cli", "live", "-m", str(card), "--aec", "--json",
+                                  "--duration", "5.5", "--record", str(tmp_path / "out.wav"),
+                                  "--record-input", str(tmp_path / "in.wav")],
+                                 env=pulse.env, stdin=terminal, stdout=subprocess.PIPE, stderr=terminal, text=True)
+        _started.append(quell)
+        os.close(terminal)
+        _when_capturing(pulse, quell)
+        player = _play(pulse, tmp_path / "far.wav", sink="spk")
+        terminal_text = _read_terminal_until(controller, quell, lambda text: _audio_seconds(text) >= 4.0)
+        assert _audio_seconds(terminal_text) >= 4.0, terminal_text
+        os.write(controller, b"a")
+        terminal_text += _read_terminal_until(controller, quell, lambda text: False)
+        out = quell.stdout.read()
+        assert quell.wait(30) == 0, terminal_text
+    finally:
+        os.close(controller)
+        if player is not None:
+            player.kill()
+            player.wait()
+        pulse.pactl("unload-module", room)
+    stats = json.loads(out)
+    assert "aec on (echo " in terminal_text and stats["aec"] is False  # the status line, and the key
+    mic, _ = sf.read(tmp_path / "in.wav", dtype="float32")
+    cancelled, _ = sf.read(tmp_path / "out.wav", dtype="float32")
+    assert np.abs(mic[2 * RATE :]).max() > 0.05  # the echo reached the mic
+    on, off = slice(round(2.5 * RATE), round(3.8 * RATE)), slice(round(4.7 * RATE), None)
+    print(f"\necho return loss enhancement: {erle(mic[on], cancelled[on]):.1f} dB with aec, "
+          f"{erle(mic[off], cancelled[off]):.1f} dB without; {json.dumps(stats)}")
+    assert erle(mic[on], cancelled[on]) > 15, stats
+    assert abs(erle(mic[off], cancelled[off])) < 1, stats
+    assert stats["echo_delay_ms"] is not None, stats  # found (the loopback adds 40 to 300 ms, run by run)
+
+
+def _audio_seconds(terminal_text: str) -> float:
+    """The audio time of the last status line on the terminal (0 before the first)."""
+    times = re.findall(r"\r\s*([0-9.]+) s \|", terminal_text)
+    return float(times[-1]) if times else 0.0
+
+
+def _read_terminal_until(controller: int, process: subprocess.Popen, done, timeout: float = 30.0) -> str:
+    """What `process` writes to its terminal, until `done(text)` or it exits (or `timeout` seconds pass)."""
+    text, deadline = "", time.monotonic() + timeout
+    while not done(text) and time.monotonic() < deadline:
+        if select.select([controller], [], [], 0.05)[0]:
+            try:
+                text += os.read(controller, 4096).decode(errors="replace")
+            except OSError:  # the process closed the terminal: it is exiting
+                break
+        elif process.poll() is not None:
+            break
+    return text
+
+
+def test_aec_without_a_monitor_source_is_one_line(pulse, tmp_path):
+    card = write_subtractor_model(tmp_path / "aec")
+    quell = subprocess.Popen([sys.executable, "-m", "quell.cli", "live", "-m", str(card), "--aec",
+                              "--record", str(tmp_path / "out.wav")],
+                             env=pulse.env | {"PULSE_SINK": "no-such-sink"}, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+    _started.append(quell)
+    _one_error(*_finish(quell, 60)[::2], "no monitor source of the sink 'no-such-sink'")
+    assert not list(tmp_path.glob("*.wav")) and not list(tmp_path.glob(".*.part"))  # nothing left behind
 
 
 def test_bad_devices_are_one_line(pulse, delay_card):

@@ -58,12 +58,13 @@ from quell.streaming.catalog import find_model
 from quell.streaming.denoiser import Denoiser
 from quell.streaming.echo import EchoCanceller
 from quell.streaming.ringbuffer import RingBuffer, SampleFifo
-from quell.streaming.virtualmic import VirtualMicrophone, default_source
+from quell.streaming.virtualmic import VirtualMicError, VirtualMicrophone, default_source, monitor_source
 
 _RING_SECONDS = 2.0  # input and output rings hold this much audio beyond the buffering
 _CATCHUPS_TO_BYPASS, _OVERLOAD_WINDOW, _BYPASS_SECONDS = 3, 10.0, 10.0
 _COST_HISTORY = 4096  # hop costs kept for the p50/p99 (about 30 s of DTLN hops)
 _REFERENCE_LEAD = 0.1  # seconds the reference may run ahead of the mic before the excess is cut (clock drift)
+_SOUND_SERVER_DEVICES = ("pulse", "default", "pipewire")  # ALSA devices that play through PulseAudio/PipeWire
 
 
 class LiveError(OSError):
@@ -601,6 +602,14 @@ class LiveSession:
     Devices are PortAudio's: an index or part of a name (`quell devices`), None for the default. The rate is
     `sample_rate`, or 48 kHz where the devices can, else the input's default; the engine resamples to the model.
     `device_latency` is the latency PortAudio is asked for ("low", "high" or seconds).
+
+    With `aec` (an echo model) the engine also hears what the speakers play, from the sound server's monitor
+    source of the sink they play (PulseAudio/PipeWire), recorded as a stream of its own through ALSA's "pulse"
+    device: the sink is PULSE_SINK or the server's default sink, which is where quell plays with the default
+    output device or -o pulse, and where the other apps (the far end of a call) play. With `virtual_mic` quell
+    plays into its own null sink, whose monitor carries quell's output, the near end: that is not the echo, so
+    the speakers' sink is the reference there too. An output device that does not play through the server has
+    no monitor: an error, as is a server without one.
     """
 
     def __init__(
@@ -608,12 +617,17 @@ class LiveSession:
         output_device: str | None = None, record: str | Path | None = None, record_input: str | Path | None = None,
         overwrite: bool = False, sample_rate: int | None = None, channels: int = 1, block_ms: float = 10.0,
         buffer_ms: float = 20.0, attenuation_limit_db: float | None = None, providers: list[str] | None = None,
-        virtual_mic: bool = False, bypass: bool = False, device_latency: float | str = "low",
+        virtual_mic: bool = False, bypass: bool = False, device_latency: float | str = "low", aec: bool = False,
     ):
         if virtual_mic and output_device is not None:
             raise ValueError("--virtual-mic is the output: leave out --output")
         if channels < 1:
             raise ValueError(f"channels must be at least 1, got {channels}")
+        card = find_model(model)
+        if aec and not card.reference_input:
+            raise ValueError(f"model {card.name!r} is not an echo canceller (it takes no far-end reference): "
+                             "--aec needs an echo model")
+        self.aec = aec
         self.model, self.input_device, self.output_device = model, input_device, output_device
         self.record, self.record_input, self.overwrite = record, record_input, overwrite
         self.sample_rate, self.channels, self.block_ms, self.buffer_ms = sample_rate, channels, block_ms, buffer_ms
@@ -621,7 +635,7 @@ class LiveSession:
         self.virtual_mic, self.bypass, self.device_latency = virtual_mic, bypass, device_latency
         self.playback = output_device is not None or virtual_mic or record is None
         self.engine: LiveEngine | None = None
-        self._stream = None
+        self._stream = self._monitor = None
         self._device_xruns = 0
         self._callbacks = 0
         self._stop = ""
@@ -632,10 +646,11 @@ class LiveSession:
     ) -> LiveStats:
         """Run until `duration` seconds of audio have passed, Ctrl-C, SIGTERM or `q`; returns the final stats.
 
-        `report` gets the stats every `report_every` seconds. With `keys` (a terminal), b toggles bypass, + and
-        - step the suppression strength, q quits; SIGUSR1 toggles bypass too. A device that delivers nothing
-        for `stall_seconds`, or stops, raises LiveError; so does a worker that failed. Whatever happens, the
-        streams are closed, the recordings finished and the virtual microphone removed.
+        `report` gets the stats every `report_every` seconds. With `keys` (a terminal), b toggles bypass, a echo
+        cancellation (with `aec`), + and - step the suppression strength, q quits; SIGUSR1 toggles bypass too.
+        A device that delivers nothing for `stall_seconds`, or stops, raises LiveError; so does a worker that
+        failed, and, with `aec`, a server without the monitor source. Whatever happens, the streams are closed,
+        the recordings finished and the virtual microphone removed.
         """
         sd = _sounddevice()
         if not sd.query_devices():
@@ -646,16 +661,18 @@ class LiveSession:
         _check(sd, "input", source, self.channels, rate)
         if sink is not None:
             _check(sd, "output", sink, self.channels, rate)
+        monitor = self._find_monitor(sd, sink, rate) if self.aec else None
         block = max(1, round(self.block_ms * rate / 1000))
         try:
-            self._run(sd, source, sink, rate, block, duration, report, report_every, keys, stall_seconds)
+            self._run(sd, source, sink, monitor, rate, block, duration, report, report_every, keys, stall_seconds)
         except KeyboardInterrupt:  # Ctrl-C is how a live session ends; everything is unmade already
             if self._stream is None:  # nothing ran yet
                 raise
         return self.stats()
 
-    def _run(self, sd, source, sink, rate, block, duration, report, report_every, keys, stall_seconds) -> None:
-        with contextlib.ExitStack() as stack:  # unwinds in reverse: keys, stream, engine, microphone, signals
+    def _run(self, sd, source, sink, monitor, rate, block, duration, report, report_every, keys,
+             stall_seconds) -> None:
+        with contextlib.ExitStack() as stack:  # unwinds in reverse: keys, streams, engine, microphone, signals
             # from here on SIGTERM asks the loop to stop instead of killing the process, so that whatever is
             # made below is also unmade; Ctrl-C unwinds the same way (KeyboardInterrupt)
             stack.enter_context(_signals({"SIGTERM": self._terminate, "SIGHUP": self._terminate,
@@ -670,14 +687,26 @@ class LiveSession:
                                      self.record, self.record_input, self.overwrite, self.providers,
                                      self.attenuation_limit_db)
             self.engine.bypass = self.bypass
+            self.engine.aec = self.aec  # an echo model without --aec hears no far end: a noise suppressor
             stack.callback(self.engine.stop)
             with _environment(**environment):
-                self._stream = self._open(sd, source, sink, rate, block)
-            stack.callback(self._close, sd)
+                if sink is None:
+                    self._stream = self._open(sd, "InputStream", source["index"], rate, block, self._capture)
+                else:
+                    self._stream = self._open(sd, "Stream", (source["index"], sink["index"]), rate, block,
+                                              self._duplex)
+            stack.callback(self._close, sd, self._stream)
+            if monitor is not None:
+                device, name = monitor
+                with _environment(PULSE_SOURCE=name):
+                    self._monitor = self._open(sd, "InputStream", device["index"], rate, block, self._far_end)
+                stack.callback(self._close, sd, self._monitor)
             pressed = stack.enter_context(_keyboard()) if keys and os.name == "posix" else None
             if not self._stop:
                 self.engine.start()  # opens the recordings: only once the devices are open
                 self._stream.start()
+                if self._monitor is not None:
+                    self._monitor.start()
                 self._loop(duration, report, report_every, pressed, stall_seconds)
 
     def _choose_rate(self, sd, source: dict, sink: dict | None) -> int:
@@ -689,17 +718,37 @@ class LiveSession:
         except (sd.PortAudioError, ValueError):
             return int(source["default_samplerate"])
 
-    def _open(self, sd, source: dict, sink: dict | None, rate: int, block: int):
+    def _find_monitor(self, sd, sink: dict | None, rate: int) -> tuple[dict, str]:
+        """The input device to record the speakers' monitor source through, and the source's name (see the class)."""
+        if sink is not None and not self.virtual_mic and sink["name"] not in _SOUND_SERVER_DEVICES:
+            raise LiveError(f"--aec: output device {sink['name']!r} has no monitor source to hear it through (it does "
+                            f"not play through PulseAudio or PipeWire; -o pulse does)")
+        speakers = os.environ.get("PULSE_SINK")
+        try:
+            name = monitor_source(speakers)
+        except VirtualMicError as error:
+            raise LiveError(f"--aec: no monitor source to hear the speakers through ({error})") from error
+        if name is None:
+            which = f"the sink {speakers!r}" if speakers else "the default sink"
+            raise LiveError(f"--aec: the sound server has no monitor source of {which} to hear the speakers through")
+        try:
+            device = _device(sd, "pulse", "input")
+        except LiveError as error:
+            raise LiveError("--aec records the monitor source through ALSA's \"pulse\" device, which PortAudio "
+                            "does not see (Debian: apt install libasound2-plugins)") from error
+        _check(sd, "input", device, self.channels, rate)
+        return device, name
+
+    def _open(self, sd, kind: str, device, rate: int, block: int, callback):
+        """A sounddevice stream of `kind` ("Stream" or "InputStream") with the session's settings."""
         settings = dict(samplerate=rate, blocksize=block, channels=self.channels, dtype="float32",
                         latency=self.device_latency)
         try:
-            if sink is None:
-                return sd.InputStream(device=source["index"], callback=self._capture, **settings)
-            return sd.Stream(device=(source["index"], sink["index"]), callback=self._duplex, **settings)
+            return getattr(sd, kind)(device=device, callback=callback, **settings)
         except (sd.PortAudioError, ValueError) as error:
             raise LiveError(f"cannot open the audio device ({error})") from error
 
-    def _close(self, sd, timeout: float = 2.0) -> None:
+    def _close(self, sd, stream, timeout: float = 2.0) -> None:
         """Abort and close the stream, or give up after `timeout` seconds.
 
         PortAudio's ALSA backend can deadlock there when the PulseAudio server goes away under a stream (seen
@@ -707,8 +756,8 @@ class LiveSession:
         sounddevice's exit handler, which would close it again, is dropped.
         """
         def close() -> None:
-            self._stream.abort()  # before close: closing a running stream can hang too (sounddevice's notes)
-            self._stream.close()
+            stream.abort()  # before close: closing a running stream can hang too (sounddevice's notes)
+            stream.close()
 
         closer = threading.Thread(target=close, name="quell-close", daemon=True)
         closer.start()
@@ -726,6 +775,8 @@ class LiveSession:
                 raise LiveError(f"processing failed: {self.engine.error}")
             if not self._stream.active:
                 raise LiveError("the audio device stopped (unplugged, or its sound server went away)")
+            if self._monitor is not None and not self._monitor.active:
+                raise LiveError("the monitor source stopped (its sound server went away?)")
             if self._callbacks != seen:
                 seen, heard_at = self._callbacks, now
             elif now - heard_at > stall_seconds:
@@ -742,6 +793,8 @@ class LiveSession:
         for key in keys:
             if key in "bB":
                 self._toggle_bypass()
+            elif key in "aA" and self.aec:
+                self.engine.aec = not self.engine.aec
             elif key in "+=":
                 self.engine.attenuation_limit_db = _step_strength(self.engine.attenuation_limit_db, 1)
             elif key == "-":
@@ -770,6 +823,11 @@ class LiveSession:
             self._note(status)
         self.engine.push(indata)
         self._callbacks += 1
+
+    def _far_end(self, indata, frames, time_info, status) -> None:
+        if status:
+            self._note(status)
+        self.engine.push_reference(indata)
 
     def _note(self, status) -> None:
         # The first callback's flags are not counted: PortAudio starts the device before that callback has

@@ -1,4 +1,5 @@
 """A virtual microphone on PulseAudio or PipeWire (through `pactl`): what quell plays, any app records.
+Also the monitor source of a sink, which `quell live --aec` records to hear what the speakers play.
 
     with VirtualMicrophone("quell", rate=48000) as mic:
         ...                       # play into the sink `mic.sink`; apps pick the source "quell" as their microphone
@@ -17,12 +18,12 @@ import subprocess
 
 
 class VirtualMicError(OSError):
-    """The virtual microphone cannot be made (no pactl, no server, the name is taken)."""
+    """The virtual microphone cannot be made, or the sound server asked (no pactl, no server, a name taken)."""
 
 
 def _pactl(*args: str) -> str:
     if shutil.which("pactl") is None:
-        raise VirtualMicError("--virtual-mic needs PulseAudio or PipeWire's pactl (not found on PATH)")
+        raise VirtualMicError("--virtual-mic and --aec need PulseAudio or PipeWire's pactl (not found on PATH)")
     try:
         # LC_ALL=C: `pactl list` and `pactl info` label their fields in the user's language otherwise
         done = subprocess.run(["pactl", *args], capture_output=True, text=True, timeout=10,
@@ -35,25 +36,38 @@ def _pactl(*args: str) -> str:
     return done.stdout
 
 
-def _owner_modules(kind: str) -> dict[str, str]:
-    """Name -> owner module index of every sink or source (`pactl list sinks|sources`)."""
-    owners, name = {}, None
+def _fields(kind: str, field: str) -> dict[str, str]:
+    """Name -> the value of `field` (e.g. "Owner Module") of every sink or source (`pactl list sinks|sources`)."""
+    values, name = {}, None
     for line in _pactl("list", kind).splitlines():
         line = line.strip()
         if line.startswith("Name:"):
             name = line.split(":", 1)[1].strip()
-        elif line.startswith("Owner Module:") and name is not None:
-            owners[name] = line.split(":", 1)[1].strip()
-    return owners
+        elif line.startswith(f"{field}:") and name is not None:
+            values[name] = line.split(":", 1)[1].strip()
+    return values
+
+
+def _default(kind: str) -> str | None:
+    """The server's default "Sink" or "Source", or None when it has none."""
+    for line in _pactl("info").splitlines():
+        if line.startswith(f"Default {kind}:"):
+            name = line.split(":", 1)[1].strip()
+            return name if name and name != f"@DEFAULT_{kind.upper()}@" else None
+    return None
 
 
 def default_source() -> str | None:
     """The server's default source (the user's microphone), or None when it has none."""
-    for line in _pactl("info").splitlines():
-        if line.startswith("Default Source:"):
-            name = line.split(":", 1)[1].strip()
-            return name if name and name != "@DEFAULT_SOURCE@" else None
-    return None
+    return _default("Source")
+
+
+def monitor_source(sink: str | None = None) -> str | None:
+    """The monitor source of `sink` (None: the server's default sink), which carries what the sink plays; None
+    when there is no such sink or it has no monitor."""
+    sink = sink or _default("Sink")
+    monitor = _fields("sinks", "Monitor Source").get(sink) if sink else None
+    return monitor if monitor and monitor != "n/a" else None
 
 
 class VirtualMicrophone:
@@ -74,7 +88,7 @@ class VirtualMicrophone:
     def create(self) -> None:
         """Load the null sink and the source; a name that is taken is an error (another quell running?)."""
         for kind, name in (("sources", self.name), ("sinks", self.sink)):
-            owner = _owner_modules(kind).get(name)
+            owner = _fields(kind, "Owner Module").get(name)
             if owner is not None:
                 raise VirtualMicError(f"a {kind[:-1]} named {name!r} exists already (another quell live "
                                       f"--virtual-mic? a stale one goes with: pactl unload-module {owner})")
