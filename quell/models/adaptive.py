@@ -75,12 +75,14 @@ class AdaptiveEchoFilter(nn.Module):
         echo_back = self._estimate(background, spectra)
         residual_fore, residual_back = mic - echo_fore, mic - echo_back
 
-        # NLMS step of the background filter, normalised per bin by the smoothed reference power
+        # NLMS step of the background filter, normalised per bin by the reference power the whole filter
+        # sees (every partition: a loud word still in the filter's memory must not meet a gain made for the
+        # pause that follows it), smoothed, with a floor for silence
         bins = self.bins
-        magnitude = current[:, :bins] ** 2 + current[:, bins:] ** 2
+        magnitude = (spectra[..., :bins] ** 2 + spectra[..., bins:] ** 2).sum(1)
         power = self.power_smoothing * power + (1 - self.power_smoothing) * magnitude
-        floor = 1e-6 * hop_energy_floor(self.hop) + 1e-3 * power.mean(-1, keepdim=True)
-        gain = (self.step_size / (self.partitions * (power + floor))).repeat(1, 2).unsqueeze(1)
+        floor = 1e-6 * hop_energy_floor(self.hop) * self.partitions + 1e-3 * power.mean(-1, keepdim=True)
+        gain = (self.step_size / (power + floor)).repeat(1, 2).unsqueeze(1)
         error = (residual_back @ self.dft_second_half).unsqueeze(1)
         gradient = gain * _complex_product(_conjugate(spectra), error)
         if self.constrained:
