@@ -78,12 +78,15 @@ def models() -> None:
 @click.argument("checkpoint", type=click.Path(exists=True, dir_okay=False))
 @click.option("-o", "--output", required=True, help="Step graph path (.onnx); the sequence graph and card go beside.")
 @click.option("--name", default=None, help="Model name in the card (default: the file name).")
-def export(checkpoint, output, name) -> None:
+@click.option("--int8", is_flag=True, help="int8 weights (dynamic quantization): faster per hop, checked by SNR.")
+def export(checkpoint, output, name, int8) -> None:
     """Export a training checkpoint to ONNX step + sequence graphs and a model card (parity-checked)."""
     from quell.export.exporter import export_checkpoint
 
-    card = export_checkpoint(checkpoint, output, name)
+    card = export_checkpoint(checkpoint, output, name, int8=int8)
     click.echo(f"wrote {Path(output)}, {card.sequence_graph} and {Path(output).with_suffix('.json').name}")
+    if int8:
+        click.echo(card.description.rsplit("; ", 1)[-1])
 
 
 @main.command()

@@ -42,6 +42,7 @@ class ModelCard:
     reference_input: str | None = None  # far-end signal, for echo cancellers
     reference_lead: int = 0  # samples (model rate) by which the aligned reference should precede its echo
     parameters: int = 0
+    precision: str = "float32"  # of the graphs' weights: "float32", or "int8" (quell export --int8)
     description: str = ""
     training: dict[str, Any] = field(default_factory=dict)
     scores: dict[str, Any] = field(default_factory=dict)
