@@ -26,10 +26,11 @@ from quell.streaming.card import ModelCard, StateSpec
 
 OPSET = 18
 # int8 graphs are checked by the SNR of their output against PyTorch's (and of step against sequence, whose
-# activation scales differ: one per hop against one per block). Measured on the parity signal: 42 dB for a
-# trained DTLN, 41-42 dB for the tiny random ones of the tests; with the masked products quantized as well
-# (see int8.py), 32 dB and 22 dB.
-INT8_MIN_SNR_DB = 33.0
+# LSTM activation scales differ: one per hop against one per block of hops). 8-bit rounding of one product
+# is ~45-50 dB down; through the nine of a DTLN, measured on the parity signal: 39.7 dB for a trained DTLN,
+# 35-36 dB for the tiny random ones of the tests (step against sequence 46-48 dB). With one activation scale
+# per tensor for the MatMuls (plain dynamic quantization): 32 dB and 22 dB.
+INT8_MIN_SNR_DB = 30.0
 
 
 class _StreamGraph(nn.Module):
@@ -124,7 +125,7 @@ def export_model(
                 quantize_graph(written, written)
             card.precision = "int8"
             card.description = (f"{card.description}; " if card.description else "") + (
-                "int8 weights (MatMul and LSTM, dynamic quantization)")
+                "int8 weights (MatMul 8-bit blocks of 32, LSTM per tensor)")
             if check:
                 errors = parity_errors(model, card_tmp)
                 _judge_parity(errors, tolerance=0.0, min_snr_db=INT8_MIN_SNR_DB)

@@ -1,40 +1,41 @@
-"""int8 weights for an exported graph: dynamic quantization of its MatMul and LSTM weights (onnxruntime).
+"""int8 weights for an exported graph (onnxruntime's quantization tools).
 
-Dynamic quantization stores the weights as int8 (per tensor) and quantizes each activation to uint8 at run
-time with one scale per tensor; onnxruntime runs the products as DynamicQuantizeMatMul / DynamicQuantizeLSTM.
-What was measured on a trained DTLN (2-core VM under load, one thread, onnxruntime 1.32):
+- MatMul weights become 8-bit blocks of 32 along the input axis, each with its own scale (MatMulNBits), run
+  with int8 arithmetic (accuracy_level 4): the activation is quantized per block of 32 too, so a masked
+  spectrum, loud bins next to suppressed ones, keeps its quiet part.
+- LSTM weights become int8 per tensor (DynamicQuantizeLSTM: activations quantized per tensor at run time).
 
-- every MatMul and LSTM in int8: 0.069 ms per hop instead of 0.113, but 32 dB SNR against float32 and
-  PESQ-WB 1.49 instead of 1.57 on 30 validation clips;
-- the same with the two products that synthesise from a masked signal kept in float32 (DTLN's inverse DFT
-  + encoder, and its decoder): 0.080 ms per hop, 42 dB SNR, PESQ-WB 1.57 (-0.004), STOI -0.001, SI-SDR
-  -0.1 dB (within the clips' spread).
-  One activation scale per tensor buries the quiet part of a masked signal (kept bins next to suppressed
-  ones: the masked spectrum's crest factor is ~19, against 2-6 at every other product's input), and these
-  two products lie on the signal path to the output (encode, mask, decode), where no LSTM gate smooths the
-  error. They are what `keep_masked_float` keeps.
-- per-channel weight scales cost ~0.01 ms per hop and gained < 1 dB; weight-only MatMulNBits (8 bits) was
-  eight times slower per hop than float32 in onnxruntime 1.32.
+What was measured on a trained DTLN (runs/dtln, 2-core VM under load, one thread, onnxruntime 1.32, 30
+validation clips; float32: 0.110 ms per hop, PESQ-WB 1.572), each interleaved with float32 in one process:
+
+- this scheme: 0.071 ms per hop, 40 dB SNR against float32; PESQ-WB -0.003, STOI and SI-SDR unchanged
+  (-0.02 dB). The sequence graph gains less (~1.3x): MatMulNBits is slower than onnxruntime's int8 GEMM
+  when many hops share one product.
+- dynamic quantization (one activation scale per tensor) of every MatMul and LSTM: 0.068 ms, but 32 dB and
+  PESQ-WB -0.08; with the two products fed by masked signals (inverse DFT + encoder, decoder) left float32:
+  0.078 ms, 46 dB, PESQ-WB -0.004, SI-SDR -0.12 dB (the forward DFT's input on one scale per frame).
+- per-channel weight scales: ~0.01 ms slower, < 1 dB better; 4-bit blocks, even on two products only: 24 dB.
 """
 
 from __future__ import annotations
 
 import logging
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import onnx
 import onnxruntime as ort
-from onnxruntime.quantization import QuantType, quantize_dynamic
 
-QUANTIZED_OPS = ("MatMul", "Gemm", "LSTM")
+MATMUL_BITS = 8
+MATMUL_BLOCK = 32  # input values per weight scale (and per activation scale)
 
 
 def fold_constants(src: Path, dst: Path) -> None:
     """Write `src` with its constant subgraphs folded into initializers (onnxruntime's basic optimizations).
 
-    The quantizer only quantizes weights that are initializers: the exported DFT basis is a Constant node and
+    The quantizers only quantize weights that are initializers: the exported DFT basis is a Constant node and
     DTLN's inverse DFT times encoder is a product of two constants until folded.
     """
     options = ort.SessionOptions()
@@ -44,41 +45,36 @@ def fold_constants(src: Path, dst: Path) -> None:
     ort.InferenceSession(str(src), options, providers=["CPUExecutionProvider"])
 
 
-def masked_synthesis_nodes(model: onnx.ModelProto) -> list[str]:
-    """Names of the products whose input is a masked signal: a Mul, or a Concat of Muls (real | imaginary)."""
-    producers = {output: node for node in model.graph.node for output in node.output}
+@contextmanager
+def _quiet_root_logger() -> Iterator[None]:
+    """The quantizers warn about shapes they need not know on the root logger, and one of them configures it
+    (INFO, a handler) when imported: silence them, and leave the root logger as it was."""
+    root = logging.getLogger()
+    level, handlers = root.level, list(root.handlers)
+    import onnxruntime.quantization.matmul_nbits_quantizer  # noqa: F401  (the one that configures it)
 
-    def is_masked(tensor: str) -> bool:
-        node = producers.get(tensor)
-        if node is None:
-            return False
-        if node.op_type == "Concat":
-            return all(is_masked(t) for t in node.input)
-        return node.op_type == "Mul"
+    root.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for handler in root.handlers[:]:
+            if handler not in handlers:
+                root.removeHandler(handler)
+        root.setLevel(level)
 
-    return [n.name for n in model.graph.node if n.op_type in ("MatMul", "Gemm") and is_masked(n.input[0])]
 
+def quantize_graph(src: str | Path, dst: str | Path) -> None:
+    """Write `src` with 8-bit MatMul weights (block-wise) and int8 LSTM weights to `dst` (may be `src`)."""
+    with _quiet_root_logger():
+        from onnxruntime.quantization import QuantType, quantize_dynamic
+        from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
-def quantize_graph(src: str | Path, dst: str | Path, keep_masked_float: bool = True,
-                   keep_float: Iterable[str] = ()) -> list[str]:
-    """Write `src` with int8 MatMul/Gemm/LSTM weights to `dst`; returns the names of the nodes left in float.
-
-    `keep_masked_float` keeps the products that synthesise from a masked signal in float32 (see the module
-    docstring for why); `keep_float` names more nodes to leave alone.
-    """
-    src, dst = Path(src), Path(dst)
-    with tempfile.TemporaryDirectory() as tmp:
-        folded = Path(tmp) / "folded.onnx"
-        fold_constants(src, folded)
-        model = onnx.shape_inference.infer_shapes(onnx.load(folded))
-        onnx.save(model, folded)
-        excluded = [*(masked_synthesis_nodes(model) if keep_masked_float else []), *keep_float]
-        quantizer_log = logging.getLogger()  # the quantizer warns about shapes it need not know, on the root logger
-        level = quantizer_log.level
-        quantizer_log.setLevel(logging.ERROR)
-        try:
-            quantize_dynamic(folded, dst, op_types_to_quantize=list(QUANTIZED_OPS), per_channel=False,
-                             weight_type=QuantType.QInt8, nodes_to_exclude=excluded)
-        finally:
-            quantizer_log.setLevel(level)
-    return excluded
+        with tempfile.TemporaryDirectory() as tmp:
+            folded, lstm = Path(tmp) / "folded.onnx", Path(tmp) / "lstm.onnx"
+            fold_constants(Path(src), folded)
+            onnx.save(onnx.shape_inference.infer_shapes(onnx.load(folded)), folded)
+            quantize_dynamic(folded, lstm, op_types_to_quantize=["LSTM"], weight_type=QuantType.QInt8)
+            quantizer = MatMulNBitsQuantizer(
+                onnx.load(lstm), bits=MATMUL_BITS, block_size=MATMUL_BLOCK, is_symmetric=True, accuracy_level=4)
+            quantizer.process()
+            quantizer.model.save_model_to_file(str(dst), False)
