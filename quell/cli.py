@@ -78,7 +78,8 @@ def models() -> None:
 @click.argument("checkpoint", type=click.Path(exists=True, dir_okay=False))
 @click.option("-o", "--output", required=True, help="Step graph path (.onnx); the sequence graph and card go beside.")
 @click.option("--name", default=None, help="Model name in the card (default: the file name).")
-@click.option("--int8", is_flag=True, help="int8 weights (dynamic quantization): faster per hop, checked by SNR.")
+@click.option("--int8", is_flag=True,
+              help="8-bit weights (MatMul in blocks of 32, LSTM per tensor): faster per hop; parity checked by SNR.")
 def export(checkpoint, output, name, int8) -> None:
     """Export a training checkpoint to ONNX step + sequence graphs and a model card (parity-checked)."""
     from quell.export.exporter import export_checkpoint
