@@ -82,6 +82,9 @@ def test_a_new_run_can_start_from_another_runs_weights(recipe, tmp_path):
     train(path, tmp_path / "tuned", init=tmp_path / "first" / "last.pt")
     tuned = torch.load(tmp_path / "tuned" / "last.pt", weights_only=False)
     assert tuned["state"]["step"] == 2  # counted afresh
+    assert tuned["state"]["init"]["steps"] == 2 and tuned["state"]["init"]["recipe"]["model"] == "dtln"
+    card = export_checkpoint(tmp_path / "tuned" / "last.pt", tmp_path / "tuned.onnx")
+    assert card.training["initialised_from"]["checkpoint"] == str(tmp_path / "first" / "last.pt")
     for name, weight in first["model"].items():
         torch.testing.assert_close(tuned["model"][name], weight, rtol=0, atol=0)
     fresh = torch.load(tmp_path / "first" / "last.pt", weights_only=False)["model"]

@@ -208,6 +208,8 @@ def export_checkpoint(
         "best_validation": saved["state"]["best"],
         "data": {key: recipe.get("data", {}).get(key) for key in ("speech", "noise", "music", "rir")},
     }
+    if saved["state"].get("init"):  # a fine-tuning run: the run its weights started from
+        training["initialised_from"] = saved["state"]["init"]
     return export_model(model, out, name=name, training=training,
                         description=f"{recipe['model'].upper()} trained with quell ({Path(checkpoint).name})",
                         int8=int8)

@@ -252,7 +252,11 @@ def train(recipe_path: str | Path, out_dir: str | Path, max_minutes: float | Non
             torch.set_rng_state(checkpoint["rng"])
         log.info("resumed from %s at step %d", last, state["step"])
     elif init is not None:
-        model.load_state_dict(torch.load(init, map_location=device, weights_only=False)["model"])
+        source = torch.load(init, map_location=device, weights_only=False)
+        model.load_state_dict(source["model"])
+        # provenance, carried into the model card: what the weights had been through before this run
+        state["init"] = {"checkpoint": str(init), "steps": source["state"]["step"], "recipe": source.get("recipe"),
+                         "init": source["state"].get("init")}
         log.info("starting from the weights of %s", init)
     wrapped = nn.parallel.DistributedDataParallel(model) if distributed else model
 
