@@ -228,7 +228,7 @@ def _live(*args: str):
 
 def test_aec_without_an_echo_model_is_one_line(delay_card, tmp_path, monkeypatch):
     assert_one_error(_live("-m", str(delay_card), "--aec"), 2, "model 'delay' is not an echo canceller")
-    monkeypatch.setattr(catalog, "ASSETS", tmp_path)  # a package that ships no echo model (none does yet)
+    monkeypatch.setattr(catalog, "ASSETS", tmp_path)  # a package that ships no echo model
     assert_one_error(_live("--aec"), 2, "no echo-cancellation model is installed")
 
 
