@@ -91,3 +91,28 @@ def test_bad_input_is_one_line(subtractor, tmp_path):
                  "-o", str(tmp_path / "o.wav"), "-m", str(denoiser))
     assert wrong.exit_code == 2 and "not an echo canceller" in wrong.output
     assert not (tmp_path / "o.wav").exists()
+
+
+def test_long_files_reach_the_canceller_in_short_pieces(subtractor, tmp_path, monkeypatch):
+    """Memory stays flat with file length: the canceller's resamplers never see more than 100 ms at a time
+    (handed a whole 10 s read block, a 48 kHz file took 650 MB)."""
+    from quell.streaming.echo import EchoCanceller
+    from quell.streaming.files import FileEnhancer
+
+    rate = 48000
+    mic, far, _ = _scene(3.0)
+    mic, far = (soxr.resample(x, RATE, rate).astype(np.float32) for x in (mic, far))
+    sf.write(tmp_path / "mic.wav", mic, rate, subtype="FLOAT")
+    sf.write(tmp_path / "far.wav", far, rate, subtype="FLOAT")
+    lengths: list[int] = []
+    process = EchoCanceller.process
+
+    def spy(self, chunk, reference=None):
+        lengths.append(len(chunk))
+        return process(self, chunk, reference)
+
+    monkeypatch.setattr(EchoCanceller, "process", spy)
+    FileEnhancer(subtractor).enhance(tmp_path / "mic.wav", tmp_path / "out.wav", reference=tmp_path / "far.wav")
+    assert sum(lengths) >= mic.size and max(lengths) <= rate // 10
+    out, _ = sf.read(tmp_path / "out.wav", dtype="float32")
+    assert out.shape == mic.shape

@@ -156,12 +156,16 @@ class FileEnhancer:
         far = _ReferenceReader(reference, reference_info, rate, info.frames, src, report)
         clip = not writer.subtype.startswith(("FLOAT", "DOUBLE", "VORBIS"))
 
+        piece = max(1, rate // 10)  # 100 ms per call: the canceller's resampler work arrays stay small
+
         def chunks():
             with sf.SoundFile(src) as reader:
                 for mic in reader.blocks(block, dtype="float32", always_2d=True):
                     if not np.isfinite(mic).all():
                         raise FileError(f"{src}: contains NaN or Inf samples")
-                    yield mic, far.read(len(mic))
+                    played = far.read(len(mic))
+                    for start in range(0, len(mic), piece):
+                        yield mic[start : start + piece], played[start : start + piece]
 
         for out in aligned_output(canceller, chunks(), info.frames):
             writer.write(np.clip(out, -1.0, 1.0) if clip else out)
