@@ -21,6 +21,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from quell.models.layers import real_dft_matrices
+
 
 class AdaptiveEchoFilter(nn.Module):
     """Mic and reference hops [B, hop] -> (residual, echo estimate) hops, adapting as it goes.
@@ -31,20 +33,12 @@ class AdaptiveEchoFilter(nn.Module):
     """
 
     def __init__(self, hop: int, partitions: int, step_size: float = 0.5, power_smoothing: float = 0.7,
-                 energy_smoothing: float = 0.9, copy_ratio: float = 0.8, reset_ratio: float = 4.0,
-                 constrained: bool = True):
+                 energy_smoothing: float = 0.9, copy_ratio: float = 0.8, reset_ratio: float = 4.0):
         super().__init__()
         self.hop, self.partitions, self.bins = hop, partitions, hop + 1
         self.step_size, self.power_smoothing, self.energy_smoothing = step_size, power_smoothing, energy_smoothing
-        self.copy_ratio, self.reset_ratio, self.constrained = copy_ratio, reset_ratio, constrained
-        n = 2 * hop
-        t = torch.arange(n, dtype=torch.float64)
-        k = torch.arange(self.bins, dtype=torch.float64)
-        angle = 2 * torch.pi * t[:, None] * k[None, :] / n
-        forward = torch.cat([torch.cos(angle), -torch.sin(angle)], dim=1)  # frame [n] -> [re | im]
-        weight = torch.full((self.bins,), 2.0, dtype=torch.float64)
-        weight[0] = weight[-1] = 1.0
-        inverse = torch.cat([weight[:, None] * torch.cos(angle.T), -weight[:, None] * torch.sin(angle.T)], 0) / n
+        self.copy_ratio, self.reset_ratio = copy_ratio, reset_ratio
+        forward, inverse = real_dft_matrices(2 * hop)  # overlap-save: two hops per FFT, no window
         self.register_buffer("dft", forward.float(), persistent=False)
         self.register_buffer("dft_second_half", forward[hop:].float(), persistent=False)  # spectrum of [0, x]
         self.register_buffer("idft_tail", inverse[:, hop:].float(), persistent=False)  # last hop of the inverse
@@ -81,13 +75,12 @@ class AdaptiveEchoFilter(nn.Module):
         bins = self.bins
         magnitude = (spectra[..., :bins] ** 2 + spectra[..., bins:] ** 2).sum(1)
         power = self.power_smoothing * power + (1 - self.power_smoothing) * magnitude
-        floor = 1e-6 * hop_energy_floor(self.hop) * self.partitions + 1e-3 * power.mean(-1, keepdim=True)
+        # the floor: -60 dBFS white noise in every partition (a full-scale one has 2 * hop per bin), and a
+        # thousandth of the mean, so that bins the far end does not excite get no huge gain
+        floor = 1e-6 * 2 * self.hop * self.partitions + 1e-3 * power.mean(-1, keepdim=True)
         gain = (self.step_size / (power + floor)).repeat(1, 2).unsqueeze(1)
         error = (residual_back @ self.dft_second_half).unsqueeze(1)
-        gradient = gain * _complex_product(_conjugate(spectra), error)
-        if self.constrained:
-            gradient = gradient @ self.constraint
-        background = background + gradient
+        background = background + (gain * _complex_product(_conjugate(spectra), error)) @ self.constraint
 
         # which filter to trust: smoothed error energies of foreground and background
         hop_energy = torch.stack([residual_fore.pow(2).sum(-1), residual_back.pow(2).sum(-1)], -1)
@@ -114,11 +107,6 @@ class AdaptiveEchoFilter(nn.Module):
                 residuals.append(residual)
                 echoes.append(echo)
         return torch.cat(residuals, -1), torch.cat(echoes, -1)
-
-
-def hop_energy_floor(hop: int) -> float:
-    """Spectral power of a full-scale hop (2 * hop samples in the FFT): regularisation scales with it."""
-    return float(2 * hop)
 
 
 def _conjugate(x: torch.Tensor) -> torch.Tensor:

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from quell.models.adaptive import AdaptiveEchoFilter
-from quell.models.layers import ComplexConv2d, D3Block, complex_activation, upsample_frequency
+from quell.models.layers import ComplexConv2d, D3Block, complex_activation, real_dft_matrices, upsample_frequency
 
 
 @dataclass
@@ -72,15 +72,11 @@ class D3NetAEC(nn.Module):
         self.blocks = nn.ModuleList(D3Block(cfg.channels, cfg.growth, cfg.layers) for _ in range(cfg.blocks))
         self.up = nn.ModuleList(ComplexConv2d(c, c, kernel_t=1) for _ in range(cfg.downsample))
         self.masks = ComplexConv2d(cfg.channels, 2, kernel_t=1)
-        n, bins = cfg.window, cfg.bins
-        t = torch.arange(n, dtype=torch.float64)
-        window = torch.sin(torch.pi * t / n)  # sqrt of a periodic Hann: analysis x synthesis sums to 1 at hop n/2
-        angle = 2 * torch.pi * t[:, None] * torch.arange(bins, dtype=torch.float64)[None, :] / n
-        forward = window[:, None] * torch.cat([torch.cos(angle), -torch.sin(angle)], dim=1)
-        weight = torch.full((bins,), 2.0, dtype=torch.float64)
-        weight[0] = weight[-1] = 1.0
-        inverse = torch.cat([weight[:, None] * torch.cos(angle.T), -weight[:, None] * torch.sin(angle.T)], 0) / n
-        self.register_buffer("dft_forward", forward.float(), persistent=False)  # frame -> [re | im]
+        # a sqrt periodic Hann on both sides: analysis x synthesis sums to 1 at hop n/2
+        n = cfg.window
+        window = torch.sin(torch.pi * torch.arange(n, dtype=torch.float64) / n)
+        forward, inverse = real_dft_matrices(n)
+        self.register_buffer("dft_forward", (window[:, None] * forward).float(), persistent=False)  # -> [re | im]
         self.register_buffer("dft_inverse", (inverse * window[None, :]).float(), persistent=False)
 
     # ---- the spectral core: [B, T, 2F] spectra of mic and reference -> enhanced spectra -----------------------

@@ -18,6 +18,8 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
+from quell.models.layers import real_dft_matrices
+
 
 @dataclass
 class DTLNConfig:
@@ -84,15 +86,7 @@ class DTLN(nn.Module):
 
     def _make_dft_basis(self) -> None:
         """Real DFT and its inverse as matrices: frame @ forward = [re | im]; [re | im] @ inverse = frame."""
-        n, bins = self.config.window, self.config.bins
-        t = torch.arange(n, dtype=torch.float64)
-        k = torch.arange(bins, dtype=torch.float64)
-        angle = 2 * torch.pi * t[:, None] * k[None, :] / n
-        forward = torch.cat([torch.cos(angle), -torch.sin(angle)], dim=1)
-        # irfft: x[t] = (1/n) * sum_k w_k (re_k cos - im_k sin), w = 1 for DC and Nyquist, else 2
-        weight = torch.full((bins,), 2.0, dtype=torch.float64)
-        weight[0] = weight[-1] = 1.0
-        inverse = torch.cat([weight[:, None] * torch.cos(angle.T), -weight[:, None] * torch.sin(angle.T)], dim=0) / n
+        forward, inverse = real_dft_matrices(self.config.window)
         self.register_buffer("dft_forward", forward.float(), persistent=False)
         self.register_buffer("dft_inverse", inverse.float(), persistent=False)
 

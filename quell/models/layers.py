@@ -100,6 +100,22 @@ class D3Block(nn.Module):
         return out, new
 
 
+def real_dft_matrices(n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The real DFT of n samples and its inverse as float64 matrices, for graphs without an FFT node.
+
+    frame [n] @ forward = [re | im] (n // 2 + 1 bins each); [re | im] @ inverse = frame (irfft: DC and Nyquist
+    count once, the other bins twice).
+    """
+    bins = n // 2 + 1
+    t = torch.arange(n, dtype=torch.float64)
+    angle = 2 * torch.pi * t[:, None] * torch.arange(bins, dtype=torch.float64)[None, :] / n
+    forward = torch.cat([torch.cos(angle), -torch.sin(angle)], dim=1)
+    weight = torch.full((bins,), 2.0, dtype=torch.float64)
+    weight[0] = weight[-1] = 1.0
+    inverse = torch.cat([weight[:, None] * torch.cos(angle.T), -weight[:, None] * torch.sin(angle.T)], dim=0) / n
+    return forward, inverse
+
+
 def upsample_frequency(x: torch.Tensor, bins: int) -> torch.Tensor:
     """[B, C, T, F] -> [B, C, T, bins]: every bin twice (nearest neighbour), cut to `bins` (at most 2F)."""
     b, c, t, f = x.shape
