@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import csv
+
 import numpy as np
 import pytest
 import soundfile as sf
@@ -122,3 +124,20 @@ def test_the_echo_canceller_trains_on_echo_scenarios(tmp_path):
     assert "erle" in header.split(",") and "pesq_wb" in header.split(",")
     card = export_checkpoint(best, tmp_path / "aec.onnx")
     assert card.task == "echo" and card.reference_input == "reference"
+
+
+def test_dnsmos_can_pick_the_best_checkpoint_and_a_resumed_log_gains_its_columns(recipe, tmp_path):
+    pytest.importorskip("speechmos")
+    train(recipe(1), tmp_path / "run")  # first epoch without DNSMOS
+    path = recipe(2)
+    data = yaml.safe_load(path.read_text())
+    data["train"].update(valid_dnsmos=True, selection_metric="dnsmos_ovrl")
+    path.write_text(yaml.safe_dump(data))
+    train(path, tmp_path / "run")
+    with (tmp_path / "run" / "log.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert [row["epoch"] for row in rows] == ["1", "2"]
+    assert rows[0]["dnsmos_ovrl"] == "" and 1.0 <= float(rows[1]["dnsmos_ovrl"]) <= 5.0
+    assert rows[0]["pesq_wb"] and rows[1]["pesq_wb"]
+    best = torch.load(tmp_path / "run" / "best.pt", weights_only=False)
+    assert best["state"]["best"] == pytest.approx(float(rows[1]["dnsmos_ovrl"]))

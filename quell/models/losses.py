@@ -56,6 +56,27 @@ def snr_and_spectral(estimate: torch.Tensor, target: torch.Tensor, spectral_weig
     return negative_snr(estimate, target) + spectral_weight * compressed_spectral(estimate, target)
 
 
+def compressed_excess(estimate: torch.Tensor, target: torch.Tensor, power: float = 0.3, n_fft: int = 512,
+                      hop: int = 128) -> torch.Tensor:
+    """How far the compressed magnitude spectrum of `estimate` rises above the target's, squared and averaged.
+
+    One-sided: with (output, clean) it charges only what the clean signal lacks (residual noise or echo,
+    musical tones); with (clean, output) only what the output lost of it (suppressed speech). Next to a
+    symmetric term it makes one kind of error dearer than the other.
+    """
+    window = torch.hann_window(n_fft, device=estimate.device)
+    estimate_mag, target_mag = (torch.stft(x, n_fft, hop, window=window, return_complex=True).abs().clamp_min(1e-8)
+                                for x in (estimate, target))
+    return torch.relu(estimate_mag**power - target_mag**power).pow(2).mean()
+
+
+def snr_spectral_residual(estimate: torch.Tensor, target: torch.Tensor, spectral_weight: float = 100.0,
+                          residual_weight: float = 200.0) -> torch.Tensor:
+    """`snr_and_spectral` plus a weighted `compressed_excess` of the output over the target: it trades a little
+    detail for quiet pauses (DNSMOS BAK); DTLN's third stage trains with it."""
+    return snr_and_spectral(estimate, target, spectral_weight) + residual_weight * compressed_excess(estimate, target)
+
+
 def _first(loss):
     """A loss of (estimate, target) as a loss of (outputs, targets): the first of each."""
     return lambda outputs, targets: loss(outputs[0], targets[0])
@@ -67,6 +88,14 @@ def echo_loss(outputs, targets, echo_mask_weight: float = 0.5) -> torch.Tensor:
     return near + echo_mask_weight * compressed_spectral(outputs[1], targets[1])
 
 
+def echo_preserving_loss(outputs, targets, speech_loss_weight: float = 2.0) -> torch.Tensor:
+    """`echo_loss` plus a weighted `compressed_excess` of the near end over its estimate: near-end speech the
+    model removes (in double talk above all) costs more than echo or noise it leaves."""
+    return echo_loss(outputs, targets) + speech_loss_weight * compressed_excess(targets[0], outputs[0])
+
+
 # losses of (outputs, targets), tuples of [batch, samples] tensors
 LOSSES = {"neg_snr": _first(negative_snr), "neg_si_sdr": _first(negative_si_sdr),
-          "snr_spectral": _first(snr_and_spectral), "echo": echo_loss}
+          "snr_spectral": _first(snr_and_spectral),
+          "snr_spectral_residual": _first(snr_spectral_residual), "echo": echo_loss,
+          "echo_preserving": echo_preserving_loss}

@@ -63,6 +63,7 @@ class TrainConfig:
     valid_clips: int = 64
     valid_seed: int = 10_000_000
     selection_metric: str = "pesq_wb"  # best checkpoint, LR schedule and early stop follow this validation score
+    valid_dnsmos: bool = False  # also DNSMOS SIG/BAK/OVRL of the validation outputs (needs quell[eval])
 
 
 def build_model(recipe: dict[str, Any]) -> nn.Module:
@@ -158,11 +159,15 @@ def _outputs(model: nn.Module, inputs) -> tuple[torch.Tensor, ...]:
     return outputs if isinstance(outputs, tuple) else (outputs,)
 
 
-def validate(model: nn.Module, clips: list[Example], device: torch.device) -> dict[str, float]:
-    """Mean SI-SDR, SI-SDR improvement and PESQ-WB of the model's first output on fixed clips; for clips
-    whose target is silent (far-end single talk), the ERLE instead."""
+def validate(model: nn.Module, clips: list[Example], device: torch.device, dnsmos: bool = False) -> dict[str, float]:
+    """Mean SI-SDR, SI-SDR improvement and PESQ-WB of the model's first output on fixed clips (and with
+    `dnsmos`, its DNSMOS SIG/BAK/OVRL); for clips whose target is silent (far-end single talk), the ERLE instead."""
     model.eval()
     scores: dict[str, list[float]] = {"si_sdr": [], "si_sdr_i": [], "pesq_wb": [], "erle": []}
+    if dnsmos:
+        from quell.dns.mos import dnsmos as dnsmos_of
+
+        scores.update(dnsmos_sig=[], dnsmos_bak=[], dnsmos_ovrl=[])
     with torch.no_grad():
         inputs = zip(*(clip[0] for clip in clips), strict=True)  # per model input, every clip's signal
         stacked = [torch.from_numpy(np.stack(signals)).to(device) for signals in inputs]
@@ -177,6 +182,10 @@ def validate(model: nn.Module, clips: list[Example], device: torch.device) -> di
         scores["si_sdr"].append(sdr)
         scores["si_sdr_i"].append(sdr - float(metrics.si_sdr(mic, clean)))
         scores["pesq_wb"].append(metrics.pesq(out, clean, 16000, "wb"))
+        if dnsmos:
+            mos = dnsmos_of(out)
+            for name in ("sig", "bak", "ovrl"):
+                scores[f"dnsmos_{name}"].append(mos[name])
     model.train()
     return {k: float(np.nanmean(v)) for k, v in scores.items() if v}
 
@@ -194,11 +203,17 @@ class CsvLog:
             self.tensorboard = None
 
     def write(self, row: dict[str, Any]) -> None:
-        new = not self.path.exists()
-        with self.path.open("a", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=list(row))
-            if new:
+        """Append `row`; a row with columns the file lacks (a resumed run that now scores more) rewrites the
+        file with every column, earlier rows left blank in the new ones."""
+        rows = list(csv.DictReader(self.path.open(newline=""))) if self.path.exists() else []
+        fields = list(rows[0]) if rows else []
+        fields += [key for key in row if key not in fields]
+        rewrite = not rows or len(fields) != len(rows[0])
+        with self.path.open("w" if rewrite else "a", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=fields)
+            if rewrite:
                 writer.writeheader()
+                writer.writerows(rows)
             writer.writerow(row)
         if self.tensorboard is not None:
             for key, value in row.items():
@@ -303,7 +318,7 @@ def train(recipe_path: str | Path, out_dir: str | Path, max_minutes: float | Non
                 _save(last, _checkpoint(model, optimizer, scheduler, state, recipe))
             break
         state["epoch"] += 1
-        scores = validate(model, valid_clips, device) if rank == 0 else None
+        scores = validate(model, valid_clips, device, cfg.valid_dnsmos) if rank == 0 else None
         if distributed:  # every rank takes the same LR and stopping decisions
             shared = [scores]
             torch.distributed.broadcast_object_list(shared, src=0)

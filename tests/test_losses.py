@@ -1,0 +1,48 @@
+"""Training losses: the one-sided spectral term charges only the side it is meant to."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from quell.models.losses import LOSSES, compressed_excess  # noqa: E402
+
+RATE = 16000
+
+
+def _speech_like(seconds: float = 1.0, seed: int = 0) -> torch.Tensor:
+    rng = np.random.default_rng(seed)
+    t = np.arange(int(seconds * RATE)) / RATE
+    voiced = sum(np.sin(2 * np.pi * k * 150 * t) / k for k in range(1, 15)) * np.clip(np.sin(2 * np.pi * 2 * t), 0, 1)
+    return torch.from_numpy(0.05 * voiced + 1e-4 * rng.standard_normal(t.size)).float()[None]
+
+
+def test_compressed_excess_charges_what_the_target_lacks_and_nothing_else():
+    clean = _speech_like()
+    noise = 0.01 * torch.randn_like(clean)
+    assert compressed_excess(clean + noise, clean) > 100 * compressed_excess(0.5 * clean, clean)  # residual noise
+    assert compressed_excess(clean, clean + noise) < compressed_excess(clean, 0.5 * clean + noise)  # lost speech
+    assert compressed_excess(clean, clean) == 0
+
+
+def test_the_residual_loss_prefers_suppressed_noise_to_left_noise_where_the_snr_loss_does_not_care():
+    clean = _speech_like()
+    noise = 0.003 * torch.randn_like(clean)
+    left, removed_with_speech = clean + noise, 0.97 * clean
+    plain, residual = LOSSES["snr_spectral"], LOSSES["snr_spectral_residual"]
+    gap_plain = plain((left,), (clean,)) - plain((removed_with_speech,), (clean,))
+    gap_residual = residual((left,), (clean,)) - residual((removed_with_speech,), (clean,))
+    assert gap_residual > gap_plain + 1.0
+
+
+def test_the_echo_preserving_loss_charges_a_removed_near_end_more_than_the_echo_loss():
+    near = _speech_like(seed=1)
+    echo = 0.3 * _speech_like(seed=2).roll(3000, -1)
+    targets = (near, near)
+    kept_echo = (near + 0.1 * echo, near + 0.1 * echo)
+    lost_near = (0.5 * near, 0.5 * near)
+    ratio_plain = LOSSES["echo"](lost_near, targets) / LOSSES["echo"](kept_echo, targets)
+    ratio_preserving = LOSSES["echo_preserving"](lost_near, targets) / LOSSES["echo_preserving"](kept_echo, targets)
+    assert ratio_preserving > 1.5 * ratio_plain
