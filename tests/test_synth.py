@@ -321,3 +321,19 @@ def test_loudspeaker_nonlinearities():
     assert set(params) == {"a2", "a3"}
     with pytest.raises(ValueError, match="unknown loudspeaker"):
         loudspeaker(x, "tube", rng)
+
+
+def test_speed_perturbation_raises_pitch_and_keeps_length(tmp_path):
+    t = np.arange(3 * RATE) / RATE
+    write_wav(tmp_path / "speech" / "tone.wav", (0.1 * np.sin(2 * np.pi * 200 * t)).astype(np.float32))
+    speech = load_corpus(tmp_path / "speech", RATE, "speech")
+    config = SynthConfig(segment_seconds=1.0, snr_db=(40.0, 40.0), speed_prob=1.0, speed_range=(1.2, 1.2), **QUIET)
+    mixture = Synthesizer(config, speech).mixture(5)
+    assert len(mixture.clean) == RATE and mixture.params["speed"] == 1.2
+    spectrum = np.abs(np.fft.rfft(mixture.clean * np.hanning(RATE)))
+    assert np.argmax(spectrum) == pytest.approx(240, abs=2)  # 1 Hz bins
+    plain = Synthesizer(SynthConfig(segment_seconds=1.0, snr_db=(40.0, 40.0), **QUIET), speech).mixture(5)
+    assert plain.params["speed"] == 1.0
+    assert np.argmax(np.abs(np.fft.rfft(plain.clean * np.hanning(RATE)))) == pytest.approx(200, abs=2)
+    with pytest.raises(ValueError, match="speed_range"):
+        SynthConfig(speed_range=(0.0, 1.1))

@@ -388,8 +388,38 @@ class SpeexAEC(_SpeexDSP):
             lib.speex_echo_state_destroy(echo)
 
 
+class SpeexAECAligned(SpeexAEC):
+    """SpeexAEC given the reference delayed by quell's own streaming delay estimate (GCC-PHAT, what
+    EchoCanceller aligns with), less a few ms so that the echo still comes after it: an app that compensated
+    the delay. Without it a 200 ms filter cannot reach an echo that comes later than that.
+    """
+
+    name = "speex-aligned"
+    LEAD_SECONDS = 0.005  # the aligned reference leads its echo by this much: the filter is causal
+
+    @contextmanager
+    def _open(self, rate: int) -> Iterator[Step]:
+        from quell.streaming.align import DelayEstimator
+
+        estimator = DelayEstimator(rate, max_delay=0.5)
+        history = np.zeros(estimator.max_lag + self.frame, np.int16)  # the newest reference frame last
+
+        with super()._open(rate) as cancel:
+
+            def step(mic: np.ndarray, reference: np.ndarray) -> np.ndarray:
+                history[: -self.frame] = history[self.frame :]
+                history[-self.frame :] = reference
+                estimator.push(mic / np.float32(32768), reference / np.float32(32768))
+                estimate = estimator.estimate
+                lag = 0 if estimate is None else round((estimate.delay - self.LEAD_SECONDS) * rate)
+                end = history.size - min(max(lag, 0), estimator.max_lag)
+                return cancel(mic, np.ascontiguousarray(history[end - self.frame : end]))
+
+            yield step
+
+
 BASELINES: dict[str, type[Baseline]] = {b.name: b for b in (Noisy, RNNoise, WebRtcNS, SpeexNS, DeepFilterNet)}
-ECHO_BASELINES: dict[str, type[Baseline]] = {b.name: b for b in (Mic, WebRtcAEC3, SpeexAEC)}
+ECHO_BASELINES: dict[str, type[Baseline]] = {b.name: b for b in (Mic, WebRtcAEC3, SpeexAEC, SpeexAECAligned)}
 
 
 def run_baselines(

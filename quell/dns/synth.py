@@ -35,6 +35,7 @@ import numpy as np
 import scipy.fft
 import scipy.signal
 import soundfile as sf
+import soxr
 from scipy.ndimage import uniform_filter1d
 
 from quell.dns.corpora import Corpus
@@ -70,16 +71,23 @@ class SynthConfig:
     max_noise_layers: int = 3
     mic_eq_prob: float = 0.3  # 1-3 random peaking/shelving filters, +-6 dB
     bandlimit_prob: float = 0.15  # low-pass at 4-7 kHz and/or high-pass at 50-300 Hz
+    # speed perturbation of the speech (tempo and pitch together, as ASR corpora are stretched): with this
+    # probability a factor in `speed_range` (1.1: 10% faster and higher); more voices from few speakers
+    speed_prob: float = 0.0
+    speed_range: tuple[float, float] = (0.9, 1.1)
     clip_guard: float = 0.99  # largest peak allowed in any written signal
     n_sim_rirs: int = 200  # size of the simulated RIR bank
     rir_bank: int = 0  # which simulated bank: training uses 0, validation sets another, so no room is shared
 
     def __post_init__(self) -> None:
-        for name in ("snr_db", "level_dbfs", "t60"):
+        for name in ("snr_db", "level_dbfs", "t60", "speed_range"):
             low, high = getattr(self, name)
             if low > high:
                 raise ValueError(f"SynthConfig.{name}: low {low} is above high {high}")
-        for name in ("reverb_prob", "generated_noise_prob", "music_prob", "mic_eq_prob", "bandlimit_prob"):
+        if self.speed_range[0] <= 0:
+            raise ValueError("SynthConfig.speed_range must be positive")
+        for name in ("reverb_prob", "generated_noise_prob", "music_prob", "mic_eq_prob", "bandlimit_prob",
+                     "speed_prob"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"SynthConfig.{name} must be a probability, got {getattr(self, name)}")
         if self.max_noise_layers < 1:
@@ -525,21 +533,38 @@ class Synthesizer:
         return Mixture(noisy=noisy, clean=target, noise=noise, params=params)
 
     def _speech_segment(self, rng: np.random.Generator, params: dict) -> np.ndarray:
-        """A random speech segment; re-drawn a few times if it is silence (e.g. a pause between sentences)."""
+        """A random speech segment, speed-perturbed with `speed_prob`; re-drawn a few times if it is silence
+        (e.g. a pause between sentences)."""
+        speed = 1.0
+        if self.config.speed_prob > 0 and rng.random() < self.config.speed_prob:  # no draw when off: old seeds
+            speed = float(rng.uniform(*self.config.speed_range))  # keep their mixtures
+        length = self.segment_samples
+        if speed != 1.0:  # a longer (faster) or shorter piece that resampling brings to the segment's length
+            length = int(round(self.segment_samples * speed))
+        segment = self._speech_piece(rng, params, length)
+        if speed != 1.0:
+            rate = self.config.sample_rate
+            segment = soxr.resample(segment, rate * speed, rate).astype(np.float32)
+            segment = np.pad(segment, (0, max(self.segment_samples - len(segment), 0)))[: self.segment_samples]
+        params.update(speed=round(speed, 4))
+        return segment
+
+    def _speech_piece(self, rng: np.random.Generator, params: dict, length: int) -> np.ndarray:
+        """`length` samples of speech from the corpus (several clips end to end when one is short)."""
         for _ in range(_MAX_REDRAWS):
             index = int(rng.integers(len(self.speech)))
             segment, offset = self.speech.clips[index], 0
             files = [self.speech.paths[index]]
-            if len(segment) >= self.segment_samples:
-                offset = int(rng.integers(0, len(segment) - self.segment_samples + 1))
-                segment = segment[offset : offset + self.segment_samples]
+            if len(segment) >= length:
+                offset = int(rng.integers(0, len(segment) - length + 1))
+                segment = segment[offset : offset + length]
             else:
                 pieces = [segment]
-                while sum(len(p) for p in pieces) < self.segment_samples:
+                while sum(len(p) for p in pieces) < length:
                     index = int(rng.integers(len(self.speech)))
                     pieces.append(self.speech.clips[index])
                     files.append(self.speech.paths[index])
-                segment = np.concatenate(pieces)[: self.segment_samples]
+                segment = np.concatenate(pieces)[:length]
             if _rms(segment) > _SILENCE_RMS:
                 break
         params.update(speech_files=";".join(files), speech_offset=offset)
