@@ -115,13 +115,17 @@ def test_the_echo_canceller_trains_on_echo_scenarios(tmp_path):
         "synth": {"segment_seconds": 1.0, "scenario_probs": [0.5, 0.0, 0.5],
                   "near": {"reverb_prob": 0.0, "n_sim_rirs": 2}},
         "train": {"batch_size": 2, "steps_per_epoch": 2, "max_epochs": 1, "workers": 0, "valid_clips": 4,
-                  "loss": "echo"},
+                  "loss": "echo_preserving", "valid_aecmos": True, "selection_metric": "aecmos"},
     }
     path = tmp_path / "recipe.yaml"
     path.write_text(yaml.safe_dump(recipe))
     best = train(path, tmp_path / "run")
-    header, row = (tmp_path / "run" / "log.csv").read_text().splitlines()
-    assert "erle" in header.split(",") and "pesq_wb" in header.split(",")
+    with (tmp_path / "run" / "log.csv").open() as f:
+        (row,) = csv.DictReader(f)
+    assert float(row["erle"]) > 0 and 1.0 <= float(row["pesq_wb"]) <= 4.7
+    for name in ("aecmos_echo", "aecmos_deg"):  # far-end single talk and double talk, both at 0.5
+        assert 1.0 <= float(row[name]) <= 5.0
+    assert float(row["aecmos"]) == pytest.approx((float(row["aecmos_echo"]) + float(row["aecmos_deg"])) / 2)
     card = export_checkpoint(best, tmp_path / "aec.onnx")
     assert card.task == "echo" and card.reference_input == "reference"
 

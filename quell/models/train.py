@@ -27,7 +27,7 @@ import yaml
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from quell.dns import metrics
+from quell.dns import metrics, mos
 from quell.dns.corpora import load_corpus
 from quell.dns.synth import EchoConfig, EchoSynthesizer, SynthConfig, Synthesizer
 from quell.models.d3net_aec import D3NetAEC, D3NetAECConfig
@@ -64,6 +64,7 @@ class TrainConfig:
     valid_seed: int = 10_000_000
     selection_metric: str = "pesq_wb"  # best checkpoint, LR schedule and early stop follow this validation score
     valid_dnsmos: bool = False  # also DNSMOS SIG/BAK/OVRL of the validation outputs (needs quell[eval])
+    valid_aecmos: bool = False  # echo models: also AECMOS echo and degradation, and their mean "aecmos"
 
 
 def build_model(recipe: dict[str, Any]) -> nn.Module:
@@ -159,15 +160,18 @@ def _outputs(model: nn.Module, inputs) -> tuple[torch.Tensor, ...]:
     return outputs if isinstance(outputs, tuple) else (outputs,)
 
 
-def validate(model: nn.Module, clips: list[Example], device: torch.device, dnsmos: bool = False) -> dict[str, float]:
-    """Mean SI-SDR, SI-SDR improvement and PESQ-WB of the model's first output on fixed clips (and with
-    `dnsmos`, its DNSMOS SIG/BAK/OVRL); for clips whose target is silent (far-end single talk), the ERLE instead."""
+def validate(model: nn.Module, clips: list[Example], device: torch.device, dnsmos: bool = False,
+             aecmos: bool = False) -> dict[str, float]:
+    """Mean SI-SDR, SI-SDR improvement and PESQ-WB of the model's first output on fixed clips; for clips whose
+    target is silent (far-end single talk), the ERLE instead. With `dnsmos`, DNSMOS SIG/BAK/OVRL of the output;
+    with `aecmos` (echo models), AECMOS echo (far-end single talk, double talk) and degradation (near-end
+    single talk, double talk) and "aecmos", the mean of the two."""
     model.eval()
     scores: dict[str, list[float]] = {"si_sdr": [], "si_sdr_i": [], "pesq_wb": [], "erle": []}
     if dnsmos:
-        from quell.dns.mos import dnsmos as dnsmos_of
-
         scores.update(dnsmos_sig=[], dnsmos_bak=[], dnsmos_ovrl=[])
+    if aecmos:
+        scores.update(aecmos_echo=[], aecmos_deg=[])
     with torch.no_grad():
         inputs = zip(*(clip[0] for clip in clips), strict=True)  # per model input, every clip's signal
         stacked = [torch.from_numpy(np.stack(signals)).to(device) for signals in inputs]
@@ -175,6 +179,14 @@ def validate(model: nn.Module, clips: list[Example], device: torch.device, dnsmo
         enhanced = torch.cat([_outputs(model, batch)[0] for batch in batches]).cpu().numpy()
     for (inputs, targets), out in zip(clips, enhanced, strict=True):
         mic, clean = inputs[0], targets[0]
+        if aecmos:
+            far_talks, near_talks = (bool(np.any(np.abs(x) > 1e-6)) for x in (inputs[1], clean))
+            scenario = "double_talk" if far_talks and near_talks else "far_end" if far_talks else "near_end"
+            ratings = mos.aecmos(inputs[1], mic, out, scenario)
+            if far_talks:
+                scores["aecmos_echo"].append(ratings["echo"])
+            if near_talks:
+                scores["aecmos_deg"].append(ratings["degradation"])
         if not np.any(np.abs(clean) > 1e-6):
             scores["erle"].append(metrics.erle(mic, out))
             continue
@@ -183,11 +195,14 @@ def validate(model: nn.Module, clips: list[Example], device: torch.device, dnsmo
         scores["si_sdr_i"].append(sdr - float(metrics.si_sdr(mic, clean)))
         scores["pesq_wb"].append(metrics.pesq(out, clean, 16000, "wb"))
         if dnsmos:
-            mos = dnsmos_of(out)
+            ratings = mos.dnsmos(out)
             for name in ("sig", "bak", "ovrl"):
-                scores[f"dnsmos_{name}"].append(mos[name])
+                scores[f"dnsmos_{name}"].append(ratings[name])
     model.train()
-    return {k: float(np.nanmean(v)) for k, v in scores.items() if v}
+    means = {k: float(np.nanmean(v)) for k, v in scores.items() if v}
+    if aecmos and "aecmos_echo" in means and "aecmos_deg" in means:
+        means["aecmos"] = (means["aecmos_echo"] + means["aecmos_deg"]) / 2
+    return means
 
 
 class CsvLog:
@@ -318,7 +333,7 @@ def train(recipe_path: str | Path, out_dir: str | Path, max_minutes: float | Non
                 _save(last, _checkpoint(model, optimizer, scheduler, state, recipe))
             break
         state["epoch"] += 1
-        scores = validate(model, valid_clips, device, cfg.valid_dnsmos) if rank == 0 else None
+        scores = validate(model, valid_clips, device, cfg.valid_dnsmos, cfg.valid_aecmos) if rank == 0 else None
         if distributed:  # every rank takes the same LR and stopping decisions
             shared = [scores]
             torch.distributed.broadcast_object_list(shared, src=0)
