@@ -76,3 +76,33 @@ def test_a_parity_failure_is_detected(tmp_path):
         model.mask2.bias += 0.5  # the PyTorch model no longer matches its export
     with pytest.raises(AssertionError, match="differs from PyTorch"):
         check_parity(model, card.path)
+
+
+def test_step_graph_loses_the_lstm_shape_shuffles_and_not_a_bit_of_output(tmp_path):
+    import onnx
+
+    from quell.export.exporter import export_graph
+    from quell.export.simplify import simplify_step_graph
+
+    torch.manual_seed(2)
+    model = DTLN(DTLNConfig(hidden=32, encoder=64)).eval()
+    model.dft = "matmul"  # as export_model sets it
+    plain, simple = tmp_path / "plain.onnx", tmp_path / "simple.onnx"
+    export_graph(model, plain, single_hop=True)
+    export_graph(model, simple, single_hop=True)
+    assert simplify_step_graph(simple) == 8  # a Transpose and a Squeeze around each of the four LSTMs
+    ops = [node.op_type for node in onnx.load(simple).graph.node]
+    assert "Squeeze" not in ops and ops.count("LSTM") == 4
+
+    import onnxruntime as ort
+
+    sessions = [ort.InferenceSession(str(p), providers=["CPUExecutionProvider"]) for p in (plain, simple)]
+    feeds = {i.name: np.zeros(i.shape, np.float32) for i in sessions[0].get_inputs()}
+    x = _noisy(128 * 30, seed=4)
+    for k in range(30):
+        feeds["audio"] = x[None, k * 128 : (k + 1) * 128]
+        outputs = [s.run(None, feeds) for s in sessions]
+        for a, b in zip(*outputs, strict=True):
+            np.testing.assert_array_equal(a, b)
+        names = [o.name for o in sessions[0].get_outputs()]
+        feeds.update({i.name: outputs[0][names.index(f"{i.name}_out")] for i in sessions[0].get_inputs()[1:]})

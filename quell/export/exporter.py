@@ -22,6 +22,7 @@ from torch import nn
 
 from quell.dns.metrics import snr
 from quell.export.int8 import quantize_graph
+from quell.export.simplify import simplify_step_graph
 from quell.streaming.card import ModelCard, StateSpec
 
 OPSET = 18
@@ -113,6 +114,7 @@ def export_model(
     with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
         graphs = {out: Path(tmp) / out.name}
         export_graph(model, graphs[out], single_hop=True)
+        simplify_step_graph(graphs[out])
         if sequence is not None:
             graphs[sequence] = Path(tmp) / sequence.name
             export_graph(model, graphs[sequence], single_hop=False)
