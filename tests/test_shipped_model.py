@@ -1,4 +1,5 @@
-"""The shipped DTLN on generated signals: it removes noise and keeps a voiced (harmonic) signal."""
+"""The shipped DTLNs (float32 and int8) on generated signals: they remove noise and keep a voiced (harmonic)
+signal."""
 
 from __future__ import annotations
 
@@ -9,7 +10,13 @@ from quell.streaming.catalog import ASSETS
 from quell.streaming.denoiser import Denoiser
 
 RATE = 16000
-pytestmark = pytest.mark.skipif(not (ASSETS / "dtln.json").is_file(), reason="no shipped dtln model")
+
+
+@pytest.fixture(params=["dtln", "dtln-int8"])
+def model(request) -> str:
+    if not (ASSETS / f"{request.param}.json").is_file():
+        pytest.skip(f"no shipped {request.param} model")
+    return request.param
 
 
 def _level_db(x: np.ndarray) -> float:
@@ -38,37 +45,37 @@ def _voiced(seconds: float, level_db: float) -> np.ndarray:
     return (signal * 10 ** ((level_db - _level_db(signal)) / 20)).astype(np.float32)
 
 
-def _enhance(x: np.ndarray, rate: int = RATE) -> np.ndarray:
-    denoiser = Denoiser("dtln", sample_rate=rate)
+def _enhance(model: str, x: np.ndarray, rate: int = RATE) -> np.ndarray:
+    denoiser = Denoiser(model, sample_rate=rate)
     lag = round(denoiser.latency_samples)
     out = np.concatenate([denoiser.process(x), denoiser.flush()])
     return out[lag : lag + len(x)]
 
 
 @pytest.mark.parametrize("level_db", [-45.0, -30.0])
-def test_noise_only_is_lowered_by_at_least_10_db(level_db):
+def test_noise_only_is_lowered_by_at_least_10_db(model, level_db):
     noise = _pink_noise(3.0, level_db)
-    out = _enhance(noise)
+    out = _enhance(model, noise)
     settled = slice(RATE, None)  # after one second
     assert _level_db(noise[settled]) - _level_db(out[settled]) >= 10.0
 
 
-def test_voiced_signal_keeps_its_level_within_3_db():
+def test_voiced_signal_keeps_its_level_within_3_db(model):
     voiced = _voiced(3.0, -25.0)
-    out = _enhance(voiced)
+    out = _enhance(model, voiced)
     settled = slice(RATE // 2, None)
     assert abs(_level_db(out[settled]) - _level_db(voiced[settled])) <= 3.0
 
 
 @pytest.mark.parametrize("rate", [16000, 48000])
-def test_voiced_signal_in_noise_gets_cleaner_at_any_rate(rate):
+def test_voiced_signal_in_noise_gets_cleaner_at_any_rate(model, rate):
     import soxr
 
     from quell.dns.metrics import si_sdr
 
     voiced, noise = _voiced(3.0, -25.0), _pink_noise(3.0, -25.0, seed=1)  # 0 dB SNR
     noisy = soxr.resample(voiced + noise, RATE, rate).astype(np.float32)
-    out = soxr.resample(_enhance(noisy, rate), rate, RATE)[: len(voiced)]
+    out = soxr.resample(_enhance(model, noisy, rate), rate, RATE)[: len(voiced)]
     back = soxr.resample(noisy, rate, RATE)[: len(voiced)]
     settled = slice(RATE // 2, len(voiced) - RATE // 10)
     assert si_sdr(out[settled], voiced[settled]) > si_sdr(back[settled], voiced[settled]) + 3.0
