@@ -145,3 +145,7 @@ def test_dnsmos_can_pick_the_best_checkpoint_and_a_resumed_log_gains_its_columns
     assert rows[0]["pesq_wb"] and rows[1]["pesq_wb"]
     best = torch.load(tmp_path / "run" / "best.pt", weights_only=False)
     assert best["state"]["best"] == pytest.approx(float(rows[1]["dnsmos_ovrl"]))
+    assert best["state"]["selection_metric"] == "dnsmos_ovrl" and best["state"]["epoch"] == 2
+    assert best["scheduler"]["best"] == pytest.approx(float(rows[1]["dnsmos_ovrl"]))  # no PESQ left in the plateau
+    previous = torch.load(tmp_path / "run" / "best_pesq_wb.pt", weights_only=False)  # the first metric's best
+    assert previous["state"]["epoch"] == 1

@@ -270,7 +270,7 @@ def train(recipe_path: str | Path, out_dir: str | Path, max_minutes: float | Non
     scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
         optimizer, mode="max", factor=cfg.lr_factor, patience=cfg.lr_patience
     )
-    state = {"step": 0, "epoch": 0, "best": -math.inf, "stale_epochs": 0}
+    state = {"step": 0, "epoch": 0, "best": -math.inf, "stale_epochs": 0, "selection_metric": cfg.selection_metric}
     last, best = out / "last.pt", out / "best.pt"
     if last.exists():
         checkpoint = torch.load(last, map_location=device, weights_only=False)
@@ -281,6 +281,15 @@ def train(recipe_path: str | Path, out_dir: str | Path, max_minutes: float | Non
         if "rng" in checkpoint:  # dropout continues as if never interrupted
             torch.set_rng_state(checkpoint["rng"])
         log.info("resumed from %s at step %d", last, state["step"])
+        followed = state.get("selection_metric", "pesq_wb")  # runs from before it was recorded followed PESQ
+        if followed != cfg.selection_metric:  # scores of another metric: the best, patience and LR plateau restart
+            log.warning("the recipe now selects on %s instead of %s: best checkpoint and plateaus start over; "
+                        "the best by %s is kept as best_%s.pt", cfg.selection_metric, followed, followed, followed)
+            if best.exists():
+                os.replace(best, out / f"best_{followed}.pt")
+            state.update(best=-math.inf, stale_epochs=0, selection_metric=cfg.selection_metric)
+            scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
+                optimizer, mode="max", factor=cfg.lr_factor, patience=cfg.lr_patience)
     elif init is not None:
         source = torch.load(init, map_location=device, weights_only=False)
         model.load_state_dict(source["model"])
