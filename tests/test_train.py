@@ -12,7 +12,7 @@ import yaml
 torch = pytest.importorskip("torch")
 
 from quell.export.exporter import export_checkpoint  # noqa: E402
-from quell.models.train import train  # noqa: E402
+from quell.models.train import ExampleSource, train  # noqa: E402
 
 RATE = 16000
 
@@ -149,3 +149,13 @@ def test_dnsmos_can_pick_the_best_checkpoint_and_a_resumed_log_gains_its_columns
     assert best["scheduler"]["best"] == pytest.approx(float(rows[1]["dnsmos_ovrl"]))  # no PESQ left in the plateau
     previous = torch.load(tmp_path / "run" / "best_pesq_wb.pt", weights_only=False)  # the first metric's best
     assert previous["state"]["epoch"] == 1
+
+
+def test_validation_hears_the_voices_as_recorded_and_other_rooms(recipe, tmp_path):
+    data = yaml.safe_load(recipe(1).read_text())
+    synth = {**data["synth"], "speed_prob": 1.0, "speed_range": [0.8, 0.9], "reverb_prob": 1.0, "n_sim_rirs": 2}
+    training = ExampleSource("denoise", data["data"], tmp_path, synth)
+    validation = ExampleSource("denoise", data["valid"], tmp_path, synth, validation=True)
+    trained, validated = training.synth.mixture(3).params, validation.synth.mixture(3).params
+    assert 0.8 <= trained["speed"] <= 0.9 and validated["speed"] == 1.0
+    assert training.synth.config.rir_bank == 0 and validation.synth.config.rir_bank == 1

@@ -100,20 +100,29 @@ def _corpora(section: dict[str, Any], base: Path, rate: int) -> dict[str, Any]:
 
 
 class ExampleSource:
-    """Examples for a model's task, a pure function of the seed."""
+    """Examples for a model's task, a pure function of the seed.
+
+    `validation`: rooms from another simulated bank than training's, and the speech as it was recorded (no
+    speed perturbation: a model is judged on real voices).
+    """
 
     def __init__(self, task: str, section: dict[str, Any], base: Path, synth: dict[str, Any] | None,
-                 rir_bank_offset: int = 0):
+                 validation: bool = False):
         synth = dict(synth or {})
         self.task = task
+        rir_bank_offset = 1 if validation else 0
+
+        def speech_config(values: dict[str, Any] | None) -> SynthConfig:
+            config = _dataclass_from(SynthConfig, values)
+            return replace(config, rir_bank=config.rir_bank + rir_bank_offset,
+                           speed_prob=0.0 if validation else config.speed_prob)
+
         if task == "denoise":
-            config = _dataclass_from(SynthConfig, synth)
-            config = replace(config, rir_bank=config.rir_bank + rir_bank_offset)
+            config = speech_config(synth)
             c = _corpora(section, base, config.sample_rate)
             self.synth = Synthesizer(config, c["speech"], c["noise"], c["music"], c["rir"])
         elif task == "echo":
-            near = _dataclass_from(SynthConfig, synth.pop("near", None))
-            near = replace(near, rir_bank=near.rir_bank + rir_bank_offset)
+            near = speech_config(synth.pop("near", None))
             config = replace(_dataclass_from(EchoConfig, synth), near=near)
             c = _corpora(section, base, near.sample_rate)
             self.synth = EchoSynthesizer(config, c["speech"], c["far_speech"] or c["speech"], c["noise"],
@@ -300,8 +309,7 @@ def train(recipe_path: str | Path, out_dir: str | Path, max_minutes: float | Non
     wrapped = nn.parallel.DistributedDataParallel(model) if distributed else model
 
     train_source = ExampleSource(model.task, recipe["data"], base, recipe.get("synth"))
-    # validation rooms come from another simulated bank than training rooms
-    valid_source = ExampleSource(model.task, recipe["valid"], base, recipe.get("synth"), rir_bank_offset=1)
+    valid_source = ExampleSource(model.task, recipe["valid"], base, recipe.get("synth"), validation=True)
     valid_clips = [valid_source.example(cfg.valid_seed + i) for i in range(cfg.valid_clips)]
     total_items = cfg.max_epochs * cfg.steps_per_epoch * cfg.batch_size
     dataset = MixtureDataset(train_source, cfg.seed, total_items)
