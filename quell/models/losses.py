@@ -30,15 +30,20 @@ def negative_si_sdr(estimate: torch.Tensor, target: torch.Tensor) -> torch.Tenso
     return -si_sdr_db(estimate, target).mean()
 
 
+def _spectra(signals: tuple[torch.Tensor, ...], n_fft: int, hop: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Hann-window STFTs of the signals and their magnitudes (floored, so that they can divide)."""
+    window = torch.hann_window(n_fft, device=signals[0].device)
+    spectra = [torch.stft(x, n_fft, hop, window=window, return_complex=True) for x in signals]
+    return spectra, [s.abs().clamp_min(1e-8) for s in spectra]
+
+
 def compressed_spectral(estimate: torch.Tensor, target: torch.Tensor, power: float = 0.3, n_fft: int = 512,
                         hop: int = 128, magnitude_weight: float = 0.7) -> torch.Tensor:
     """Distance of power-law compressed spectra (magnitude and complex), as AEC-challenge systems train.
 
     Unlike an SNR it is defined when the target is silent (far-end single talk: every echo left counts).
     """
-    window = torch.hann_window(n_fft, device=estimate.device)
-    spectra = [torch.stft(x, n_fft, hop, window=window, return_complex=True) for x in (estimate, target)]
-    magnitudes = [s.abs().clamp_min(1e-8) for s in spectra]
+    spectra, magnitudes = _spectra((estimate, target), n_fft, hop)
     compressed = [m**power for m in magnitudes]
     phases = [s / m for s, m in zip(spectra, magnitudes, strict=True)]
     magnitude_term = (compressed[0] - compressed[1]).pow(2).mean()
@@ -64,9 +69,7 @@ def compressed_excess(estimate: torch.Tensor, target: torch.Tensor, power: float
     musical tones); with (clean, output) only what the output lost of it (suppressed speech). Next to a
     symmetric term it makes one kind of error dearer than the other.
     """
-    window = torch.hann_window(n_fft, device=estimate.device)
-    estimate_mag, target_mag = (torch.stft(x, n_fft, hop, window=window, return_complex=True).abs().clamp_min(1e-8)
-                                for x in (estimate, target))
+    _, (estimate_mag, target_mag) = _spectra((estimate, target), n_fft, hop)
     return torch.relu(estimate_mag**power - target_mag**power).pow(2).mean()
 
 

@@ -188,15 +188,16 @@ def validate(model: nn.Module, clips: list[Example], device: torch.device, dnsmo
         enhanced = torch.cat([_outputs(model, batch)[0] for batch in batches]).cpu().numpy()
     for (inputs, targets), out in zip(clips, enhanced, strict=True):
         mic, clean = inputs[0], targets[0]
+        near_talks = bool(np.any(np.abs(clean) > 1e-6))
         if aecmos:
-            far_talks, near_talks = (bool(np.any(np.abs(x) > 1e-6)) for x in (inputs[1], clean))
+            far_talks = bool(np.any(np.abs(inputs[1]) > 1e-6))
             scenario = "double_talk" if far_talks and near_talks else "far_end" if far_talks else "near_end"
             ratings = mos.aecmos(inputs[1], mic, out, scenario)
             if far_talks:
                 scores["aecmos_echo"].append(ratings["echo"])
             if near_talks:
                 scores["aecmos_deg"].append(ratings["degradation"])
-        if not np.any(np.abs(clean) > 1e-6):
+        if not near_talks:
             scores["erle"].append(metrics.erle(mic, out))
             continue
         sdr = float(metrics.si_sdr(out, clean))
@@ -229,7 +230,10 @@ class CsvLog:
     def write(self, row: dict[str, Any]) -> None:
         """Append `row`; a row with columns the file lacks (a resumed run that now scores more) rewrites the
         file with every column, earlier rows left blank in the new ones."""
-        rows = list(csv.DictReader(self.path.open(newline=""))) if self.path.exists() else []
+        rows = []
+        if self.path.exists():
+            with self.path.open(newline="") as f:
+                rows = list(csv.DictReader(f))
         fields = list(rows[0]) if rows else []
         fields += [key for key in row if key not in fields]
         rewrite = not rows or len(fields) != len(rows[0])
