@@ -106,3 +106,21 @@ def test_step_graph_loses_the_lstm_shape_shuffles_and_not_a_bit_of_output(tmp_pa
             np.testing.assert_array_equal(a, b)
         names = [o.name for o in sessions[0].get_outputs()]
         feeds.update({i.name: outputs[0][names.index(f"{i.name}_out")] for i in sessions[0].get_inputs()[1:]})
+
+
+def test_checkpoint_recovered_from_a_sequence_graph_holds_the_exported_weights(tiny_dtln):
+    """recipes/dtln/checkpoint_from_onnx.py: every weight comes back exactly, in PyTorch's layout."""
+    import importlib.util
+    from pathlib import Path
+
+    script = Path(__file__).parents[1] / "recipes" / "dtln" / "checkpoint_from_onnx.py"
+    spec = importlib.util.spec_from_file_location("checkpoint_from_onnx", script)
+    recover = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(recover)
+    model, card_path = tiny_dtln
+    fresh = DTLN(model.config)
+    recovered = recover.state_dict_from_graph(card_path.with_suffix(".seq.onnx"), fresh)
+    expected = model.state_dict()
+    assert set(recovered) == set(expected)
+    for name, value in expected.items():
+        torch.testing.assert_close(recovered[name], value, atol=0, rtol=0, msg=name)
