@@ -1,25 +1,26 @@
 """A training checkpoint from a shipped float32 DTLN sequence graph, to fine-tune it when its run is gone.
 
-    python recipes/dtln/checkpoint_from_onnx.py quell/assets/dtln.seq.onnx recipes/dtln/finetune.yaml \
-        -o runs/dtln_shipped/best.pt
+    python recipes/dtln/checkpoint_from_onnx.py quell/assets/dtln.seq.onnx -o runs/dtln_shipped/best.pt
     quell train recipes/dtln/voices.yaml --init runs/dtln_shipped/best.pt --out runs/dtln_voices
 
 Every weight of the model is an initializer of the sequence graph: the LSTMs as ONNX LSTM weights (gates in
 i, o, f, c order; PyTorch's are i, f, g, o), the linear layers transposed. The script refuses a graph whose
 re-export does not reproduce it (max abs difference of the outputs on a test signal <= 1e-5), so a wrong
-mapping cannot pass silently.
+mapping cannot pass silently. The model card next to the graph gives the recipe (its model sizes) and the
+training the weights had (steps, and the run they started from), so a run started from the checkpoint records
+the whole history in its own card.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import tempfile
 from pathlib import Path
 
 import numpy as np
 import onnx
 import torch
-import yaml
 from onnx import numpy_helper
 
 from quell.export.exporter import export_model
@@ -64,19 +65,19 @@ def state_dict_from_graph(graph_path: Path, model: torch.nn.Module) -> dict[str,
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("graph", type=Path, help="a float32 DTLN sequence graph (*.seq.onnx)")
-    parser.add_argument("recipe", type=Path, help="the recipe the model was trained with (its model_args)")
+    parser.add_argument("graph", type=Path, help="a float32 DTLN sequence graph (*.seq.onnx), its card beside it")
     parser.add_argument("-o", "--out", type=Path, required=True)
     args = parser.parse_args()
-    recipe = yaml.safe_load(args.recipe.read_text())
-    model = build_model(recipe)
+    card_path = args.graph.with_name(args.graph.name.replace(".seq.onnx", ".json"))
+    training = json.loads(card_path.read_text())["training"]
+    model = build_model(training["recipe"])
     model.load_state_dict(state_dict_from_graph(args.graph, model))
     model.eval()
 
     # the proof: the recovered model, exported again, gives the shipped graph's output
     rng = np.random.default_rng(0)
     signal = (0.1 * rng.standard_normal(16000)).astype(np.float32)
-    shipped = StreamingModel(args.graph.with_name(args.graph.name.replace(".seq.onnx", ".json"))).process(signal)
+    shipped = StreamingModel(card_path).process(signal)
     with tempfile.TemporaryDirectory() as tmp:
         export_model(model, Path(tmp) / "recovered.onnx")
         recovered = StreamingModel(Path(tmp) / "recovered.json").process(signal)
@@ -84,9 +85,9 @@ def main() -> None:
     if error > 1e-5:
         raise SystemExit(f"error: the recovered weights do not reproduce {args.graph} (max abs {error:.2e})")
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"model": model.state_dict(), "recipe": recipe,
-                "state": {"step": 0, "epoch": 0, "best": float("nan"), "init": None,
-                          "recovered_from": str(args.graph)}}, args.out)
+    state = {"step": training["steps"], "epoch": training["epochs"], "best": training["best_validation"],
+             "init": training.get("initialised_from"), "recovered_from": str(args.graph)}
+    torch.save({"model": model.state_dict(), "recipe": training["recipe"], "state": state}, args.out)
     print(f"{args.out}: weights of {args.graph} (re-export max abs difference {error:.1e})")
 
 
