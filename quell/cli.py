@@ -91,6 +91,25 @@ def export(checkpoint, output, name, int8) -> None:
 
 
 @main.command()
+@click.argument("model")
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Checkpoint to write (.pt).")
+@click.option("--overwrite", is_flag=True, help="Replace the checkpoint if it exists.")
+def recover(model, output, overwrite) -> None:
+    """A training checkpoint from a shipped float32 model (name or .json card), to fine-tune it.
+
+    The weights are read from the graph; refused unless their re-export reproduces its output.
+    """
+    from quell.export.recover import recover_checkpoint
+    from quell.streaming.catalog import find_model
+
+    if Path(output).exists() and not overwrite:
+        raise ValueError(f"{output} exists (--overwrite replaces it)")
+    card = find_model(model)
+    error = recover_checkpoint(card.path, output)
+    click.echo(f"{output}: weights of {card.path} (re-export max abs difference {error:.1e})")
+
+
+@main.command()
 @click.argument("recipe", type=click.Path(exists=True, dir_okay=False))
 @click.option("--out", default=None, help="Run folder (checkpoints, log); default runs/<recipe folder>.")
 @click.option("--max-minutes", type=float, default=None, help="Stop (resumably) after this long.")

@@ -106,31 +106,3 @@ def test_step_graph_loses_the_lstm_shape_shuffles_and_not_a_bit_of_output(tmp_pa
             np.testing.assert_array_equal(a, b)
         names = [o.name for o in sessions[0].get_outputs()]
         feeds.update({i.name: outputs[0][names.index(f"{i.name}_out")] for i in sessions[0].get_inputs()[1:]})
-
-
-def test_checkpoint_recovered_from_a_sequence_graph_holds_the_exported_weights(tiny_dtln, tmp_path):
-    """recipes/dtln/checkpoint_from_onnx.py: every weight comes back exactly, in PyTorch's layout.
-
-    It runs in a child process: importing the script here made a later live test's `quell live` ignore
-    Ctrl-C in the full suite (not understood yet; see the session note)."""
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    model, card_path = tiny_dtln
-    torch.save({"config": model.config, "state": model.state_dict()}, tmp_path / "expected.pt")
-    script = Path(__file__).parents[1] / "recipes" / "dtln" / "checkpoint_from_onnx.py"
-    check = f"""
-import importlib.util, torch
-from quell.models.dtln import DTLN
-spec = importlib.util.spec_from_file_location("checkpoint_from_onnx", {str(script)!r})
-recover = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(recover)
-expected = torch.load({str(tmp_path / "expected.pt")!r}, weights_only=False)
-recovered = recover.state_dict_from_graph({str(card_path.with_suffix(".seq.onnx"))!r}, DTLN(expected["config"]))
-assert set(recovered) == set(expected["state"]), set(recovered) ^ set(expected["state"])
-for name, value in expected["state"].items():
-    torch.testing.assert_close(recovered[name], value, atol=0, rtol=0, msg=name)
-"""
-    result = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0, result.stderr[-2000:]
