@@ -10,6 +10,9 @@ torch = pytest.importorskip("torch")
 from quell.models.adaptive import AdaptiveEchoFilter  # noqa: E402
 
 RATE, HOP = 16000, 160
+# every behaviour holds for the fixed NLMS step and for the variable one (the step from the residual echo's share
+# of the error)
+STEPS = pytest.mark.parametrize("variable_step", [False, True], ids=["fixed-step", "variable-step"])
 
 
 def _far_end(seconds: float, seed: int) -> np.ndarray:
@@ -40,22 +43,24 @@ def _erle(echo: np.ndarray, left: np.ndarray) -> float:
     return float(10 * np.log10(np.sum(echo**2) / np.sum(left**2)))
 
 
-def test_it_cancels_a_linear_echo_and_its_estimate_is_the_echo():
+@STEPS
+def test_it_cancels_a_linear_echo_and_its_estimate_is_the_echo(variable_step):
     reference = _far_end(6, 0)
     echo = np.convolve(reference, _echo_path(1))[: reference.size].astype(np.float32)
-    residual, estimate = _run(echo, reference)
+    residual, estimate = _run(echo, reference, variable_step=variable_step)
     late = slice(3 * RATE, None)
-    assert _erle(echo[late], residual[late]) >= 40.0  # measured 83 dB: the path fits the filter, no noise
+    assert _erle(echo[late], residual[late]) >= 40.0  # measured 96 / 89 dB: the path fits the filter, no noise
     np.testing.assert_allclose(residual, echo - estimate, atol=1e-6)
 
 
-def test_double_talk_passes_the_near_end_and_does_not_undo_the_convergence():
+@STEPS
+def test_double_talk_passes_the_near_end_and_does_not_undo_the_convergence(variable_step):
     reference = _far_end(9, 2)
     echo = np.convolve(reference, _echo_path(3))[: reference.size].astype(np.float32)
     near = np.zeros_like(echo)
     talk = slice(4 * RATE, 6 * RATE)
     near[talk] = 2 * _far_end(2, 4)  # a near-end talker louder than the echo
-    residual, _ = _run(echo + near, reference)
+    residual, _ = _run(echo + near, reference, variable_step=variable_step)
     left = residual - near
     before, during, after = slice(3 * RATE, 4 * RATE), talk, slice(7 * RATE, None)
     assert _erle(echo[before], left[before]) >= 40.0
@@ -64,20 +69,22 @@ def test_double_talk_passes_the_near_end_and_does_not_undo_the_convergence():
     assert np.sum((residual[talk] - near[talk]) ** 2) < 0.01 * np.sum(near[talk] ** 2)
 
 
-def test_it_follows_an_echo_path_change():
+@STEPS
+def test_it_follows_an_echo_path_change(variable_step):
     reference = _far_end(10, 5)
     first = np.convolve(reference, _echo_path(6))[: reference.size]
     second = np.convolve(reference, _echo_path(7))[: reference.size]
     echo = np.concatenate([first[: 5 * RATE], second[5 * RATE :]]).astype(np.float32)
-    residual, _ = _run(echo, reference)
+    residual, _ = _run(echo, reference, variable_step=variable_step)
     just_after, settled = slice(5 * RATE, int(5.5 * RATE)), slice(8 * RATE, None)
     assert _erle(echo[just_after], residual[just_after]) < 10.0  # it did change
     assert _erle(echo[settled], residual[settled]) >= 40.0
 
 
-def test_a_silent_reference_leaves_the_mic_alone():
+@STEPS
+def test_a_silent_reference_leaves_the_mic_alone(variable_step):
     mic = _far_end(1, 8)
-    residual, estimate = _run(mic, np.zeros_like(mic))
+    residual, estimate = _run(mic, np.zeros_like(mic), variable_step=variable_step)
     np.testing.assert_array_equal(residual, mic)
     assert not estimate.any()
 
@@ -90,12 +97,13 @@ def _voiced_with_pauses(seconds: float) -> np.ndarray:
     return (0.05 * voiced * np.clip(np.sin(2 * np.pi * 1.7 * t), 0, None) ** 0.5).astype(np.float32)
 
 
-def test_pauses_in_a_voiced_far_end_do_not_make_a_long_filter_diverge():
+@STEPS
+def test_pauses_in_a_voiced_far_end_do_not_make_a_long_filter_diverge(variable_step):
     """A loud word still in the filter's memory must not meet a step size made for the silence after it (with
     the step normalised by the current hop's power alone, this filter went to -98 dB ERLE: it exploded)."""
     reference = _voiced_with_pauses(12)
     echo = np.convolve(reference, _echo_path(10))[: reference.size].astype(np.float32)
-    residual, _ = _run(echo, reference, partitions=20)
+    residual, _ = _run(echo, reference, partitions=20, variable_step=variable_step)
     for second in range(4, 12, 2):
         window = slice(second * RATE, (second + 2) * RATE)
-        assert _erle(echo[window], residual[window]) >= 10.0  # measured 15-17 dB
+        assert _erle(echo[window], residual[window]) >= 10.0  # measured 15-17 dB (variable step: 21-23)

