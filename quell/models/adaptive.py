@@ -91,14 +91,15 @@ class AdaptiveEchoFilter(nn.Module):
         # thousandth of the mean, so that bins the far end does not excite get no huge gain
         floor = 1e-6 * 2 * self.hop * self.partitions + 1e-3 * power.mean(-1, keepdim=True)
         error = (residual_back @ self.dft_second_half).unsqueeze(1)
+        hop_energy = torch.stack([residual_fore.pow(2).sum(-1), residual_back.pow(2).sum(-1)], -1)
         step = self.step_size
         if self.variable_step:
-            step, leak = self._variable_step(error[:, 0], echo_back, residual_back, reference, *leak)
+            step, leak = self._variable_step(error[:, 0], echo_back, residual_back, hop_energy[:, 1:], reference,
+                                             *leak)
         gain = (step / (power + floor)).repeat(1, 2).unsqueeze(1)
         background = background + (gain * _complex_product(_conjugate(spectra), error)) @ self.constraint
 
         # which filter to trust: smoothed error energies of foreground and background
-        hop_energy = torch.stack([residual_fore.pow(2).sum(-1), residual_back.pow(2).sum(-1)], -1)
         energy = self.energy_smoothing * energy + (1 - self.energy_smoothing) * hop_energy
         fore_energy, back_energy = energy[:, :1], energy[:, 1:]
         adopt = back_energy < self.copy_ratio * fore_energy  # background better: the foreground takes it
@@ -111,8 +112,8 @@ class AdaptiveEchoFilter(nn.Module):
         return residual_fore, echo_fore, [reference, spectra, background, foreground, power, energy, *leak]
 
     def _variable_step(self, error: torch.Tensor, echo: torch.Tensor, residual: torch.Tensor,
-                       reference: torch.Tensor, spectra: torch.Tensor, correlation: torch.Tensor
-                       ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+                       residual_energy: torch.Tensor, reference: torch.Tensor, spectra: torch.Tensor,
+                       correlation: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """Per-bin step sizes [B, bins] from the echo the background filter still leaves (J.-M. Valin, "On
         adjusting the learning rate in frequency domain echo cancellation with double-talk", IEEE TASLP 2007;
         as SpeexDSP's MDF): the optimal step is the residual echo's share of the error, small when near-end
@@ -135,7 +136,7 @@ class AdaptiveEchoFilter(nn.Module):
         spectra = torch.cat([(1 - smoothing) * error_mean + smoothing * error_power,
                              (1 - smoothing) * estimate_mean + smoothing * estimate_power], -1)
 
-        see, syy = residual.pow(2).sum(-1, keepdim=True) + 1e-9, echo.pow(2).sum(-1, keepdim=True)
+        see, syy = residual_energy + 1e-9, echo.pow(2).sum(-1, keepdim=True)
         sey, sxx = (residual * echo).sum(-1, keepdim=True), reference.pow(2).sum(-1, keepdim=True)
         rate = torch.minimum(self.correlation_rate * syy, 0.25 * self.correlation_rate * see) / see
         pey, pyy, adapted = correlation[:, :1], correlation[:, 1:2], correlation[:, 2:]
@@ -151,8 +152,7 @@ class AdaptiveEchoFilter(nn.Module):
         residual_power = 0.7 * residual_power + 0.3 * ratio * error_power
         optimal = 2 * self.step_size * residual_power / error_power  # the optimum, at most the fixed step
         # starting up: far end present (above -60 dBFS), a plain rate until the filter has adapted enough
-        starting = torch.where(sxx > 1e-6 * self.hop, torch.minimum(0.25 * sxx / see, torch.ones_like(see) * 0.25),
-                               torch.zeros_like(see))
+        starting = torch.where(sxx > 1e-6 * self.hop, (0.25 * sxx / see).clamp(max=0.25), torch.zeros_like(see))
         started = adapted >= self.partitions
         step = torch.where(started, optimal, starting.expand_as(optimal))
         adapted = torch.where(started, adapted, adapted + starting)
