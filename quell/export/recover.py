@@ -90,6 +90,8 @@ def d3net_aec_state_dict(graph_path: str | Path, model: torch.nn.Module) -> dict
     state: dict[str, torch.Tensor] = {}
     for node, (name, conv) in zip(nodes, convs, strict=True):
         block = values[node.input[1]]
+        if conv.input_order is not None:  # the graph's input channels in the order the layer takes them
+            block = block[:, np.argsort(conv.input_order.numpy())]
         out_channels, in_channels = conv.weight_real.shape[:2]
         if block.shape != (2 * out_channels, 2 * in_channels, *conv.weight_real.shape[2:]):
             raise ValueError(f"{graph_path}: node {node.name} has a {block.shape} weight, {name} another shape")

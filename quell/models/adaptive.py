@@ -68,8 +68,9 @@ class AdaptiveEchoFilter(nn.Module):
         return [torch.zeros(shape) for shape in self.state_shapes(batch).values()]
 
     def _estimate(self, weights: torch.Tensor, spectra: torch.Tensor) -> torch.Tensor:
-        """Echo estimate in time: sum over partitions of weights x reference spectra, last hop of the inverse."""
-        return _complex_product(weights, spectra).sum(1) @ self.idft_tail
+        """Echo estimate in time: sum over partitions (dim -2) of weights x reference spectra, last hop of the
+        inverse."""
+        return _complex_product(weights, spectra).sum(-2) @ self.idft_tail
 
     def step(self, mic: torch.Tensor, reference: torch.Tensor, states: list[torch.Tensor]
              ) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
@@ -77,8 +78,8 @@ class AdaptiveEchoFilter(nn.Module):
         previous, spectra, background, foreground, power, energy, *leak = states
         current = torch.cat([previous, reference], -1) @ self.dft  # [B, 2F]
         spectra = torch.cat([current.unsqueeze(1), spectra[:, :-1]], 1)
-        echo_fore = self._estimate(foreground, spectra)
-        echo_back = self._estimate(background, spectra)
+        # both filters' estimates at once (one product, one inverse DFT: fewer nodes in the step graph)
+        echo_fore, echo_back = self._estimate(torch.stack([foreground, background], 1), spectra.unsqueeze(1)).unbind(1)
         residual_fore, residual_back = mic - echo_fore, mic - echo_back
 
         # NLMS step of the background filter, normalised per bin by the reference power the whole filter
@@ -90,12 +91,14 @@ class AdaptiveEchoFilter(nn.Module):
         # the floor: -60 dBFS white noise in every partition (a full-scale one has 2 * hop per bin), and a
         # thousandth of the mean, so that bins the far end does not excite get no huge gain
         floor = 1e-6 * 2 * self.hop * self.partitions + 1e-3 * power.mean(-1, keepdim=True)
-        error = (residual_back @ self.dft_second_half).unsqueeze(1)
         hop_energy = torch.stack([residual_fore.pow(2).sum(-1), residual_back.pow(2).sum(-1)], -1)
         step = self.step_size
-        if self.variable_step:
-            step, leak = self._variable_step(error[:, 0], echo_back, residual_back, hop_energy[:, 1:], reference,
-                                             *leak)
+        if self.variable_step:  # the error's spectrum and the estimate's, in one DFT
+            both = torch.stack([residual_back, echo_back], 1) @ self.dft_second_half
+            step, leak = self._variable_step(both, echo_back, residual_back, hop_energy[:, 1:], reference, *leak)
+            error = both[:, :1]
+        else:
+            error = (residual_back @ self.dft_second_half).unsqueeze(1)
         gain = (step / (power + floor)).repeat(1, 2).unsqueeze(1)
         background = background + (gain * _complex_product(_conjugate(spectra), error)) @ self.constraint
 
@@ -111,7 +114,7 @@ class AdaptiveEchoFilter(nn.Module):
                             torch.where(diverged, settled, back_energy)], -1)
         return residual_fore, echo_fore, [reference, spectra, background, foreground, power, energy, *leak]
 
-    def _variable_step(self, error: torch.Tensor, echo: torch.Tensor, residual: torch.Tensor,
+    def _variable_step(self, error_and_estimate: torch.Tensor, echo: torch.Tensor, residual: torch.Tensor,
                        residual_energy: torch.Tensor, reference: torch.Tensor, spectra: torch.Tensor,
                        correlation: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """Per-bin step sizes [B, bins] from the echo the background filter still leaves (J.-M. Valin, "On
@@ -122,11 +125,11 @@ class AdaptiveEchoFilter(nn.Module):
         The residual echo is leak x the estimate's power; the leak is the regression of the error's power
         fluctuations on the estimate's, averaged faster where the estimate is loud. Until the filter has taken
         `partitions` hops' worth of adaptation, a plain rate of at most 0.25 gets it started.
+        `error_and_estimate` [B, 2, 2F] holds the spectra of the background's error and of its echo estimate.
         """
         bins = self.bins
-        estimate = echo @ self.dft_second_half
-        error_power = error[:, :bins] ** 2 + error[:, bins:] ** 2
-        estimate_power = estimate[:, :bins] ** 2 + estimate[:, bins:] ** 2
+        error_power, estimate_power = (error_and_estimate[..., :bins] ** 2
+                                       + error_and_estimate[..., bins:] ** 2).unbind(1)
         smoothing = self.spectrum_smoothing
         error_mean, estimate_mean = spectra[:, :bins], spectra[:, bins:]
         error_delta, estimate_delta = error_power - error_mean, estimate_power - estimate_mean

@@ -18,10 +18,13 @@ class ComplexConv2d(nn.Module):
 
     Kernel (2, k_f) in time x frequency with dilation (d_t, d_f); in time it looks at frames t and t - d_t.
     A kernel of 1 in time needs no history. `stride_f` 2 halves the frequency resolution (bins -> (bins + 1) // 2).
+    `input_order` takes the input's real channels in another order than [all real | all imaginary]: input
+    channel k is the block layout's channel input_order[k] (the weights and their names stay the same).
     """
 
     def __init__(self, in_channels: int, out_channels: int, kernel_f: int = 3, kernel_t: int = 2,
-                 dilation_t: int = 1, dilation_f: int = 1, bias: bool = True, stride_f: int = 1):
+                 dilation_t: int = 1, dilation_f: int = 1, bias: bool = True, stride_f: int = 1,
+                 input_order: list[int] | None = None):
         super().__init__()
         if kernel_t not in (1, 2):
             raise ValueError("kernel_t is 1 or 2 (a longer reach in time comes from the dilation)")
@@ -32,23 +35,30 @@ class ComplexConv2d(nn.Module):
         self.weight_real = nn.Parameter(torch.randn(shape) * scale)
         self.weight_imag = nn.Parameter(torch.randn(shape) * scale)
         self.bias = nn.Parameter(torch.zeros(2 * out_channels)) if bias else None
+        if input_order is not None and sorted(input_order) != list(range(2 * in_channels)):
+            raise ValueError(f"input_order must order all {2 * in_channels} input channels")
+        self.register_buffer("input_order", None if input_order is None else torch.tensor(input_order),
+                             persistent=False)
 
     def _weight(self) -> torch.Tensor:
         real, imag = self.weight_real, self.weight_imag
-        return torch.cat([torch.cat([real, -imag], 1), torch.cat([imag, real], 1)], 0)
+        weight = torch.cat([torch.cat([real, -imag], 1), torch.cat([imag, real], 1)], 0)
+        return weight if self.input_order is None else weight[:, self.input_order]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """[B, 2Cin, T, F] -> [B, 2Cout, T, F], causal in time."""
         past = (self.kernel_t - 1) * self.dilation_t
-        x = F.pad(x, (self.pad_f, self.pad_f, past, 0))
-        return F.conv2d(x, self._weight(), self.bias, stride=(1, self.stride_f),
+        if past:
+            x = F.pad(x, (0, 0, past, 0))
+        return F.conv2d(x, self._weight(), self.bias, stride=(1, self.stride_f), padding=(0, self.pad_f),
                         dilation=(self.dilation_t, self.dilation_f))
 
     def step(self, frame: torch.Tensor, history: torch.Tensor | None) -> torch.Tensor:
         """One frame [B, 2Cin, 1, F] given `history` [B, 2Cin, d_t, F] (its oldest frame is t - d_t)."""
         x = frame if self.kernel_t == 1 else torch.cat([history[:, :, :1], frame], dim=2)
-        x = F.pad(x, (self.pad_f, self.pad_f, 0, 0))
-        return F.conv2d(x, self._weight(), self.bias, stride=(1, self.stride_f), dilation=(1, self.dilation_f))
+        # the frequency padding is the convolution's own (one node less per convolution in the step graph)
+        return F.conv2d(x, self._weight(), self.bias, stride=(1, self.stride_f), padding=(0, self.pad_f),
+                        dilation=(1, self.dilation_f))
 
 
 def complex_activation(x: torch.Tensor) -> torch.Tensor:
@@ -77,13 +87,19 @@ class D3Block(nn.Module):
             )
             for i in range(layers)
         )
-        self.mix = ComplexConv2d(sum(self.group_channels), channels, kernel_t=1, kernel_f=1)
+        # the mix hears the groups concatenated as they are (each its real, then its imaginary channels): one
+        # Concat node instead of a Split per group and a Concat
+        total, order = sum(self.group_channels), []
+        for g, size in enumerate(self.group_channels):
+            offset = sum(self.group_channels[:g])
+            order += [offset + j for j in range(size)] + [total + offset + j for j in range(size)]
+        self.mix = ComplexConv2d(total, channels, kernel_t=1, kernel_f=1, input_order=order)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         groups = [x]
         for convs in self.layers:
             groups.append(complex_activation(sum(conv(g) for conv, g in zip(convs, groups, strict=False))))
-        return x + self.mix(cat_complex(groups))
+        return x + self.mix(torch.cat(groups, 1))
 
     def history_frames(self) -> list[int]:
         """Past frames each group must keep for streaming (its time dilation); the last group needs none."""
@@ -95,7 +111,7 @@ class D3Block(nn.Module):
         for convs in self.layers:
             total = sum(conv.step(g, h) for conv, g, h in zip(convs, groups, histories, strict=False))
             groups.append(complex_activation(total))
-        out = frame + self.mix.step(cat_complex(groups), None)
+        out = frame + self.mix.step(torch.cat(groups, 1), None)
         new = [torch.cat([h[:, :, 1:], g], dim=2) for h, g in zip(histories, groups, strict=False)]
         return out, new
 
@@ -124,9 +140,3 @@ def upsample_frequency(x: torch.Tensor, bins: int) -> torch.Tensor:
     if bins > 2 * x.shape[-1]:
         raise ValueError(f"cannot upsample {x.shape[-1]} bins to {bins}")
     return x.index_select(-1, torch.arange(bins, device=x.device) // 2)
-
-
-def cat_complex(groups: list[torch.Tensor]) -> torch.Tensor:
-    """Concatenate complex tensors along channels: all real parts, then all imaginary parts."""
-    halves = [g.chunk(2, dim=1) for g in groups]
-    return torch.cat([h[0] for h in halves] + [h[1] for h in halves], dim=1)

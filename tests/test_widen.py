@@ -1,0 +1,80 @@
+"""Widening a trained echo canceller keeps its output and gives the new channels something to learn."""
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from quell.models.d3net_aec import D3NetAEC, D3NetAECConfig
+from quell.models.losses import LOSSES
+from quell.models.widen import widen_state_dict
+
+NARROW = dict(channels=4, growth=2, layers=2, blocks=2, downsample=1, filter_partitions=3, filter_variable_step=True)
+
+
+def _trained_like(config: D3NetAECConfig) -> D3NetAEC:
+    """A model whose weights are all non-zero, biases included (fresh biases are zero and would hide mistakes)."""
+    torch.manual_seed(3)
+    model = D3NetAEC(config)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if name.endswith("bias"):
+                parameter.normal_(0.0, 0.1)
+    return model.eval()
+
+
+def _signals() -> tuple[torch.Tensor, torch.Tensor]:
+    torch.manual_seed(4)
+    reference = torch.randn(2, 4000) * 0.1
+    mic = 0.5 * torch.roll(reference, 40, -1) + 0.05 * torch.randn(2, 4000)
+    return mic, reference
+
+
+def test_widened_model_computes_what_the_narrow_one_did_and_can_learn():
+    narrow = _trained_like(D3NetAECConfig(**NARROW))
+    wide_config = D3NetAECConfig(**{**NARROW, "channels": 6, "growth": 5})
+    wide = D3NetAEC(wide_config)
+    wide.load_state_dict(widen_state_dict(narrow.state_dict(), narrow.config, wide_config))
+    wide.eval()
+    mic, reference = _signals()
+    with torch.no_grad():
+        expected, got = narrow(mic, reference), wide(mic, reference)
+    for e, g in zip(expected, got, strict=True):
+        assert e.abs().max() > 1e-3
+        torch.testing.assert_close(g, e, atol=1e-6, rtol=1e-5)
+    assert sum(p.numel() for p in wide.parameters()) > sum(p.numel() for p in narrow.parameters())
+    # the weights from new channels into old ones start at zero but are not stuck there
+    wide.train()
+    loss = LOSSES["echo"](wide(mic, reference), (mic, mic))
+    loss.backward()
+    mix = wide.blocks[0].mix.weight_real
+    new_into_old = mix.grad[: NARROW["channels"], NARROW["channels"] : wide_config.channels]
+    assert mix[: NARROW["channels"], NARROW["channels"] : wide_config.channels].abs().max() == 0
+    assert new_into_old.abs().max() > 0
+
+
+@pytest.mark.parametrize("change", [{"channels": 3}, {"layers": 3}, {"downsample": 0}])
+def test_widening_refuses_what_it_cannot_keep(change):
+    narrow = _trained_like(D3NetAECConfig(**NARROW))
+    with pytest.raises(ValueError):
+        widen_state_dict(narrow.state_dict(), narrow.config, D3NetAECConfig(**{**NARROW, **change}))
+
+
+def test_widen_command_writes_a_checkpoint_that_training_starts_from(tmp_path):
+    narrow = _trained_like(D3NetAECConfig(**NARROW))
+    source = tmp_path / "narrow.pt"
+    recipe = {"model": "d3net_aec", "model_args": NARROW}
+    torch.save({"model": narrow.state_dict(), "recipe": recipe, "state": {"step": 7, "epoch": 1, "best": 0.0}},
+               source)
+    destination = tmp_path / "wide" / "init.pt"
+    command = [sys.executable, "-m", "quell.models.widen", str(source), "-o", str(destination),
+               "--channels", "8", "--growth", "4"]
+    subprocess.run(command, check=True, capture_output=True)
+    checkpoint = torch.load(destination, weights_only=False)
+    assert checkpoint["recipe"]["model_args"]["channels"] == 8
+    assert checkpoint["state"]["widened_from"]["channels"] == 4
+    wide = D3NetAEC(D3NetAECConfig(**checkpoint["recipe"]["model_args"]))
+    wide.load_state_dict(checkpoint["model"])
+    again = subprocess.run(command, capture_output=True, text=True)  # never overwrites
+    assert again.returncode != 0 and "exists" in again.stderr
