@@ -238,6 +238,16 @@ def test_aec_with_an_output_device_that_has_no_monitor_is_refused(subtractor):
         session._find_monitor(None, {"name": "hw:0,0"}, 48000)  # before anything looks for a sound server
 
 
+def test_ctrl_c_asks_the_loop_to_stop_and_a_second_one_forces_it(delay_card):
+    """Inside a session Ctrl-C only sets the stop flag the loop checks (no KeyboardInterrupt in the middle of a
+    stream's setup or a lock); a second Ctrl-C, for a stop that hangs, raises KeyboardInterrupt."""
+    session = LiveSession(delay_card)
+    session._interrupt()
+    assert session._stop == "interrupted"
+    with pytest.raises(KeyboardInterrupt):
+        session._interrupt()
+
+
 def test_cuda_without_onnxruntime_gpu_is_one_line(delay_card):
     import onnxruntime
 

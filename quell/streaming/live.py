@@ -673,10 +673,12 @@ class LiveSession:
     def _run(self, sd, source, sink, monitor, rate, block, duration, report, report_every, keys,
              stall_seconds) -> None:
         with contextlib.ExitStack() as stack:  # unwinds in reverse: keys, streams, engine, microphone, signals
-            # from here on SIGTERM asks the loop to stop instead of killing the process, so that whatever is
-            # made below is also unmade; Ctrl-C unwinds the same way (KeyboardInterrupt)
+            # from here on SIGTERM and Ctrl-C ask the loop to stop instead of killing the process or raising
+            # KeyboardInterrupt wherever the main thread happens to be (inside a lock or a stream's setup, it
+            # could leave the exit waiting forever), so that whatever is made below is also unmade; a second
+            # Ctrl-C, for a stop that takes too long, raises KeyboardInterrupt after all
             stack.enter_context(_signals({"SIGTERM": self._terminate, "SIGHUP": self._terminate,
-                                          "SIGUSR1": self._toggle_bypass}))
+                                          "SIGINT": self._interrupt, "SIGUSR1": self._toggle_bypass}))
             environment = {}
             if self.virtual_mic:
                 # pin the input to the real microphone before "quell" exists, so that quell never hears itself
@@ -804,6 +806,11 @@ class LiveSession:
 
     def _terminate(self) -> None:
         self._stop = "terminated"
+
+    def _interrupt(self) -> None:
+        if self._stop == "interrupted":
+            raise KeyboardInterrupt
+        self._stop = "interrupted"
 
     def _toggle_bypass(self) -> None:
         if self.engine is not None:
