@@ -7,7 +7,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from quell.models.losses import LOSSES, compressed_excess  # noqa: E402
+from quell.models.losses import LOSSES, compressed_excess, loss_with_args  # noqa: E402
 
 RATE = 16000
 
@@ -46,3 +46,18 @@ def test_the_echo_preserving_loss_charges_a_removed_near_end_more_than_the_echo_
     ratio_plain = LOSSES["echo"](lost_near, targets) / LOSSES["echo"](kept_echo, targets)
     ratio_preserving = LOSSES["echo_preserving"](lost_near, targets) / LOSSES["echo_preserving"](kept_echo, targets)
     assert ratio_preserving > 1.5 * ratio_plain
+
+
+def test_recipe_loss_args_reach_the_loss_and_unknown_ones_are_refused():
+    near = _speech_like(seed=1)
+    lost_near, targets = (0.5 * near, 0.5 * near), (near, near)
+    default = loss_with_args("echo_preserving")(lost_near, targets)
+    heavier = loss_with_args("echo_preserving", {"speech_loss_weight": 4.0})(lost_near, targets)
+    assert torch.isclose(default, LOSSES["echo_preserving"](lost_near, targets))
+    assert heavier > 1.2 * default
+    spectral = loss_with_args("snr_spectral", {"spectral_weight": 0.0})((0.5 * near,), (near,))
+    assert torch.isclose(spectral, LOSSES["neg_snr"]((0.5 * near,), (near,)))
+    with pytest.raises(ValueError, match="does not take"):
+        loss_with_args("echo_preserving", {"speech_weight": 4.0})
+    with pytest.raises(ValueError, match="unknown loss"):
+        loss_with_args("l1")

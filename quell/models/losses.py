@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import functools
+import inspect
+
 import torch
 
 
@@ -82,7 +85,12 @@ def snr_spectral_residual(estimate: torch.Tensor, target: torch.Tensor, spectral
 
 def _first(loss):
     """A loss of (estimate, target) as a loss of (outputs, targets): the first of each."""
-    return lambda outputs, targets: loss(outputs[0], targets[0])
+
+    def first(outputs, targets, **kwargs):
+        return loss(outputs[0], targets[0], **kwargs)
+
+    first.loss = loss  # its keyword arguments, for `loss_with_args`
+    return first
 
 
 def echo_loss(outputs, targets, echo_mask_weight: float = 0.5) -> torch.Tensor:
@@ -102,3 +110,16 @@ LOSSES = {"neg_snr": _first(negative_snr), "neg_si_sdr": _first(negative_si_sdr)
           "snr_spectral": _first(snr_and_spectral),
           "snr_spectral_residual": _first(snr_spectral_residual), "echo": echo_loss,
           "echo_preserving": echo_preserving_loss}
+
+
+def loss_with_args(name: str, args: dict[str, float] | None = None):
+    """The loss of (outputs, targets) called `name` in LOSSES, with keyword `args` (a recipe's `loss_args`);
+    ValueError for a name or an argument it does not know."""
+    if name not in LOSSES:
+        raise ValueError(f"unknown loss {name!r} (known: {', '.join(LOSSES)})")
+    loss = LOSSES[name]
+    try:
+        inspect.signature(getattr(loss, "loss", loss)).bind_partial(None, None, **(args or {}))
+    except TypeError as error:
+        raise ValueError(f"loss {name!r} does not take loss_args {sorted(args or {})}: {error}") from None
+    return functools.partial(loss, **(args or {}))

@@ -32,7 +32,7 @@ from quell.dns.corpora import load_corpus
 from quell.dns.synth import EchoConfig, EchoSynthesizer, SynthConfig, Synthesizer
 from quell.models.d3net_aec import D3NetAEC, D3NetAECConfig
 from quell.models.dtln import DTLN, DTLNConfig
-from quell.models.losses import LOSSES
+from quell.models.losses import loss_with_args
 
 log = logging.getLogger("quell.train")
 
@@ -53,6 +53,7 @@ class TrainConfig:
     steps_per_epoch: int = 500
     max_epochs: int = 200
     loss: str = "neg_snr"
+    loss_args: dict[str, float] | None = None  # keyword arguments of the loss (e.g. speech_loss_weight)
     grad_clip: float = 3.0
     lr_patience: int = 3
     lr_factor: float = 0.5
@@ -317,7 +318,7 @@ def train(recipe_path: str | Path, out_dir: str | Path, max_minutes: float | Non
     valid_clips = [valid_source.example(cfg.valid_seed + i) for i in range(cfg.valid_clips)]
     total_items = cfg.max_epochs * cfg.steps_per_epoch * cfg.batch_size
     dataset = MixtureDataset(train_source, cfg.seed, total_items)
-    loss_fn = LOSSES[cfg.loss]
+    loss_fn = loss_with_args(cfg.loss, cfg.loss_args)
     csv_log = CsvLog(out / "log.csv") if rank == 0 else None
     started = time.monotonic()
 
