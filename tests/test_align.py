@@ -46,6 +46,21 @@ def test_planted_delay_is_found_within_1_ms_in_double_talk(delay_ms):
     assert abs(estimator.estimate.delay * 1000 - delay_ms) <= 1.0
 
 
+@pytest.mark.parametrize("delay_ms", [30.0, 480.0])
+def test_the_first_estimate_comes_within_1_25_s_and_is_right(delay_ms):
+    """The canceller runs unaligned until the first estimate: it must not wait for the full window."""
+    rng = np.random.default_rng(7)  # a far end without pitch (noise in syllables): its correlation has one peak
+    syllables = np.clip(np.sin(2 * np.pi * 3 * np.arange(3 * RATE) / RATE), 0, None)
+    far = (0.1 * rng.standard_normal(3 * RATE) * syllables).astype(np.float32)
+    delay = round(delay_ms * RATE / 1000)
+    mic = 0.3 * np.concatenate([np.zeros(delay, np.float32), far[: far.size - delay]])
+    mic += 0.002 * rng.standard_normal(far.size).astype(np.float32)
+    estimates = _run(DelayEstimator(RATE, max_delay=0.5), mic, far)
+    first = next(i for i, e in enumerate(estimates) if e is not None)
+    assert (first + 1) * 160 / RATE <= 1.25
+    assert abs(estimates[first].delay * 1000 - delay_ms) <= 1.0
+
+
 def test_a_jump_in_delay_is_followed_within_two_seconds():
     far = _talker(12.0, 5)
     before, after = _echo(far, int(0.1 * RATE), seed=6), _echo(far, int(0.3 * RATE), seed=6)
