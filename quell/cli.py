@@ -254,12 +254,22 @@ def evaluate(noisy, clean, far_end, enhanced, model, baselines, out, limit, jobs
 @click.option("--hops", default=10000, show_default=True, type=click.IntRange(100), help="Hops to time.")
 @click.option("--seconds", default=60.0, show_default=True, help="Length of the generated test signal.")
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
-def bench(model, hops, seconds, as_json) -> None:
+@click.option("--against", multiple=True,
+              help="Compare the step cost with this model (repeatable): interleaved rounds of --hops / 10 hops.")
+@click.option("--rounds", default=16, show_default=True, type=click.IntRange(1), help="Rounds of --against.")
+def bench(model, hops, seconds, as_json, against, rounds) -> None:
     """Time the model: per-hop cost, real-time factors, load time, peak memory (one thread)."""
     import json
 
-    from quell.streaming.bench import benchmark, format_report
+    from quell.streaming.bench import benchmark, compare_steps, format_comparison, format_report
 
+    if against:
+        try:
+            results = compare_steps([model, *against], rounds=rounds, hops=max(100, hops // 10))
+        except ValueError as error:
+            raise click.UsageError(str(error)) from None
+        click.echo(json.dumps(results, indent=2) if as_json else format_comparison(results, max(100, hops // 10)))
+        return
     results = benchmark(model, hops=hops, seconds=seconds)
     click.echo(json.dumps(results, indent=2) if as_json else format_report(results))
 

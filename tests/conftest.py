@@ -25,3 +25,11 @@ def tiny_dtln(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_dtln_card(tiny_dtln):
     return tiny_dtln[1]
+
+
+@pytest.fixture(scope="session")
+def delay_card(tmp_path_factory):
+    """A graph that only delays its input (no torch needed): for the engine, latency and cost checks."""
+    from tests.delay_model import write_delay_model
+
+    return write_delay_model(tmp_path_factory.mktemp("delay"))

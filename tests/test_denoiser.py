@@ -7,12 +7,6 @@ import pytest
 
 from quell.streaming.denoiser import Denoiser
 from quell.streaming.resample import StreamingResampler
-from tests.delay_model import write_delay_model
-
-
-@pytest.fixture(scope="module")
-def delay_card(tmp_path_factory):
-    return write_delay_model(tmp_path_factory.mktemp("delay"))
 
 
 def _tones(seconds: float, rate: int, start: float = 0.0) -> np.ndarray:

@@ -28,14 +28,9 @@ from quell.streaming.echo import EchoCanceller
 from quell.streaming.live import LiveEngine, LiveError, LiveSession, LiveStats, _step_strength
 from tests.allocation import peak_allocation
 from tests.audio_server import skip_without_portaudio
-from tests.delay_model import write_delay_model, write_subtractor_model
+from tests.delay_model import write_subtractor_model
 from tests.test_align import _talker
 from tests.test_cli import assert_one_error
-
-
-@pytest.fixture(scope="module")
-def delay_card(tmp_path_factory):
-    return write_delay_model(tmp_path_factory.mktemp("delay"))
 
 
 @pytest.fixture(scope="module")

@@ -35,7 +35,7 @@ import soundfile as sf
 from quell.dns.metrics import erle
 from quell.streaming.denoiser import Denoiser
 from tests.audio_server import PulseServer, skip_without_portaudio
-from tests.delay_model import write_delay_model, write_subtractor_model
+from tests.delay_model import write_subtractor_model
 from tests.test_align import _talker
 
 RATE = 48000
@@ -53,11 +53,6 @@ def pulse(tmp_path_factory):
     server = PulseServer(tmp_path_factory.mktemp("pulse"))
     yield server
     server.stop()
-
-
-@pytest.fixture(scope="module")
-def delay_card(tmp_path_factory):
-    return write_delay_model(tmp_path_factory.mktemp("delay"))
 
 
 _started: list[subprocess.Popen] = []

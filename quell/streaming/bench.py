@@ -4,7 +4,9 @@
 - streaming: real-time factor of `Denoiser.process` on 10 ms chunks at the model rate;
 - sequence graph: real-time factor of `StreamingModel.process` over a long signal, and of `quell denoise` on a
   48 kHz WAV file of that length (reading, resampling and writing included);
-- model load time and the process's peak resident memory.
+- model load time and the process's peak resident memory;
+- `compare_steps`: the step cost of several models in interleaved rounds, for comparisons on a machine whose
+  speed drifts (a shared VM: one p50 of the same graph read anywhere from 0.52 to 0.89 ms minutes apart).
 """
 
 from __future__ import annotations
@@ -72,6 +74,39 @@ def benchmark(model: str | Path | ModelCard = "dtln", hops: int = 10000, seconds
     results["file_rtf"] = _file_rtf(card, audio)
     results["peak_memory_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return results
+
+
+def compare_steps(models: list[str | Path | ModelCard], rounds: int = 16, hops: int = 1000) -> dict[str, dict]:
+    """Per-hop step cost of each model, timed in `rounds` interleaved rounds of `hops` hops (A, B, ..., A, B, ...):
+    whatever slows the machine slows every model alike. Per model: the p50 of each round, their median and min."""
+    cards = [find_model(m) for m in models]
+    names = [str(m) for m in models]
+    if len(set(names)) != len(names):
+        raise ValueError("compare distinct models")
+    engines = [StreamingModel(card, threads=1) for card in cards]
+    signals = [_test_signal(hops * card.hop / card.sample_rate, card.sample_rate) for card in cards]
+    rounds_ms: list[list[float]] = [[] for _ in cards]
+    times = np.empty(hops)
+    for _ in range(rounds + 1):  # the first round warms up
+        for engine, card, signal, result in zip(engines, cards, signals, rounds_ms, strict=True):
+            hop = card.hop
+            for i in range(hops):
+                chunk = signal[i * hop : (i + 1) * hop]
+                t0 = time.perf_counter()
+                engine.step(chunk, chunk) if card.reference_input else engine.step(chunk)
+                times[i] = time.perf_counter() - t0
+            result.append(float(np.percentile(times, 50)) * 1e3)
+    return {name: {"round_p50_ms": result[1:], "median_p50_ms": float(np.median(result[1:])),
+                   "min_p50_ms": float(min(result[1:]))} for name, result in zip(names, rounds_ms, strict=True)}
+
+
+def format_comparison(results: dict[str, dict], hops: int) -> str:
+    """`compare_steps` as a short report."""
+    rounds = len(next(iter(results.values()))["round_p50_ms"])
+    lines = [f"step graph, one thread, {rounds} interleaved rounds of {hops} hops: p50 per round"]
+    for name, r in results.items():
+        lines.append(f"{name}  median {r['median_p50_ms']:.4f} ms  min {r['min_p50_ms']:.4f} ms")
+    return "\n".join(lines)
 
 
 def _file_rtf(card: ModelCard, audio: np.ndarray, rate: int = 48000) -> float:
