@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
@@ -90,3 +92,50 @@ def test_the_reference_matters():
         silent, _ = model(mic, torch.zeros_like(mic))
         playing, _ = model(mic, torch.randn(1, 3200) * 0.1)
     assert not torch.allclose(silent, playing)
+
+
+def test_a_new_alignment_zeroes_the_linear_filter_and_nothing_else(tmp_path):
+    """The card names the filter's states; EchoCanceller zeroes them when it first finds the delay and when the
+    delay jumps (the echo path it learnt belongs to the old alignment), not on every small update."""
+    from quell.streaming.echo import EchoCanceller
+    from quell.streaming.engine import StreamingModel
+
+    torch.manual_seed(0)
+    model = D3NetAEC(D3NetAECConfig(channels=4, growth=4, layers=2, blocks=1, downsample=1,
+                                    filter_partitions=3)).eval()
+    card = export_model(model, tmp_path / "aec.onnx")
+    assert card.realign_states and all(name.startswith("filter_") for name in card.realign_states)
+    assert set(card.realign_states) < {s.name for s in card.states}  # the network's own states go on
+
+    rate, rng = 16000, np.random.default_rng(0)
+    syllables = np.clip(np.sin(2 * np.pi * 3 * np.arange(12 * rate) / rate), 0, None)
+    far = (0.1 * rng.standard_normal(12 * rate) * syllables).astype(np.float32)
+    echo = [np.concatenate([np.zeros(d, np.float32), far[: far.size - d]]) for d in (1600, 4800)]  # 100, 300 ms
+    mic = 0.5 * np.concatenate([echo[0][: 6 * rate], echo[1][6 * rate :]])
+    canceller = EchoCanceller(card.path, sample_rate=rate)
+    zeroed: list[tuple[float, list[str]]] = []
+    stream = canceller.models[0]
+    original = StreamingModel.zero_states
+
+    def spy(names):
+        zeroed.append((canceller._hops * 160 / rate, list(names)))
+        original(stream, names)
+
+    stream.zero_states = spy
+    for i in range(0, mic.size, 160):
+        canceller.process(mic[i : i + 160], far[i : i + 160])
+    assert [names for _, names in zeroed] == [card.realign_states] * 2, zeroed
+    assert zeroed[0][0] < 2.0 and 6.0 < zeroed[1][0] < 8.0
+    assert abs(canceller.alignment.delay - 0.3) < 0.001
+
+    states = [s.copy() for s in stream.states]
+    original(stream, card.realign_states)
+    for spec, before, after in zip(card.states, states, stream.states, strict=True):
+        expected = np.zeros_like(before) if spec.name in card.realign_states else before
+        np.testing.assert_array_equal(after, expected)
+
+    bogus = json.loads(card.path.read_text())
+    bogus["realign_states"] = ["filter_nothing"]
+    (tmp_path / "bogus.json").write_text(json.dumps(bogus))
+    with pytest.raises(ValueError, match="realign_states names no state filter_nothing"):
+        ModelCard.load(tmp_path / "bogus.json")

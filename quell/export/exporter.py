@@ -107,6 +107,7 @@ def export_model(
         audio_input="audio", audio_output="enhanced",
         reference_input="reference" if "reference" in model.stream_inputs else None,
         reference_lead=getattr(model, "reference_lead", 0),
+        realign_states=list(getattr(model, "realign_states", ())),
         states=[StateSpec(n, f"{n}_out", list(s)) for n, s in model.state_shapes().items()],
         parameters=sum(p.numel() for p in model.parameters()), description=description,
         training=training or {},

@@ -68,6 +68,9 @@ class D3NetAEC(nn.Module):
         self.linear = AdaptiveEchoFilter(cfg.hop, cfg.filter_partitions, cfg.filter_step,
                                          variable_step=cfg.filter_variable_step, sample_rate=cfg.sample_rate) \
             if cfg.filter_partitions else None
+        # the filter's states model the echo path at the reference's alignment: the runtime zeroes them when the
+        # alignment jumps (a newly found delay), so that weights for the old one need not be unlearnt first
+        self.realign_states = tuple(f"filter_{name}" for name in self.linear.state_shapes()) if self.linear else ()
         self.encoder = ComplexConv2d(3 if self.linear else 2, cfg.channels, kernel_t=1)
         c = cfg.channels
         self.down = nn.ModuleList(ComplexConv2d(c, c, kernel_t=1, stride_f=2) for _ in range(cfg.downsample))

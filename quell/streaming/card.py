@@ -41,6 +41,9 @@ class ModelCard:
     sequence_graph: str | None = None  # same contract, any number of hops per call
     reference_input: str | None = None  # far-end signal, for echo cancellers
     reference_lead: int = 0  # samples (model rate) by which the aligned reference should precede its echo
+    # states that hold the echo path at the reference's current alignment (a linear filter's): zeroed when the
+    # alignment jumps, as weights for the old alignment would only have to be unlearnt
+    realign_states: list[str] = field(default_factory=list)
     parameters: int = 0
     precision: str = "float32"  # of the graphs' weights: "float32", or "int8" (quell export --int8)
     description: str = ""
@@ -83,6 +86,9 @@ class ModelCard:
                 raise ValueError(f"card format {data.get('format')!r}, this runtime reads {CARD_FORMAT}")
             data["states"] = [StateSpec(**s) for s in data["states"]]
             card = cls(**data)
+            unknown = set(card.realign_states) - {s.name for s in card.states}
+            if unknown:
+                raise KeyError(f"realign_states names no state {', '.join(sorted(unknown))}")
         except (OSError, json.JSONDecodeError, TypeError, KeyError) as error:
             raise ValueError(f"{path}: not a quell model card ({error})") from error
         card.path = path

@@ -9,7 +9,8 @@ holds the reference back by that much, so the model sees each far-end frame toge
 card's `reference_lead`: a model with a causal linear filter inside wants the echo's first arrival a little
 late). The delay track also gives the clock drift between playback and capture (`DriftEstimator`); the line
 then lets the delay grow (or shrink) by that many parts per million every sample, which resamples the reference
-to the mic's clock.
+to the mic's clock. When the delay is first found, or jumps, the states the card names in `realign_states` (a
+linear filter's: the echo path at the old alignment) start from zero.
 Without a reference (None, or silence) the model works as a noise suppressor; a reference that never
 correlates is never aligned (it reports low confidence).
 """
@@ -26,6 +27,8 @@ from quell.streaming.card import ModelCard
 from quell.streaming.denoiser import Denoiser
 from quell.streaming.resample import StreamingResampler
 from quell.streaming.ringbuffer import SampleFifo
+
+_REALIGN = 0.002  # seconds: a delay that moves further is a new alignment (less is drift, followed smoothly)
 
 
 class EchoCanceller(Denoiser):
@@ -111,6 +114,10 @@ class EchoCanceller(Denoiser):
         if estimate is None:
             return self._line.read(np.zeros(hop))
         if estimate is not self._anchor_estimate:  # measured over the last window: it holds at its middle
+            previous = self._anchor_estimate
+            if self.card.realign_states and (previous is None or abs(estimate.delay - previous.delay) > _REALIGN):
+                for model in self.models:  # the echo path at the old alignment is of no use at the new one
+                    model.zero_states(self.card.realign_states)
             self._anchor_estimate, self._anchor_time = estimate, now - self.estimator.window // 2
         slope = (self.drift_ppm or 0.0) * 1e-6
         samples = now - hop + np.arange(hop)

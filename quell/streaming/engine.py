@@ -70,6 +70,13 @@ class StreamingModel:
         """The current state tensors (views: copy them to keep them)."""
         return self._states[self._turn]
 
+    def zero_states(self, names: list[str]) -> None:
+        """Zero the named states (the others go on): what the next hop starts from."""
+        wanted = set(names)
+        for spec, state in zip(self.card.states, self._states[self._turn], strict=True):
+            if spec.name in wanted:
+                state.fill(0.0)
+
     def reset(self) -> None:
         """Back to silence: every state zero."""
         for states in self._states:
