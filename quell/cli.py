@@ -264,11 +264,12 @@ def bench(model, hops, seconds, as_json, against, rounds) -> None:
     from quell.streaming.bench import benchmark, compare_steps, format_comparison, format_report
 
     if against:
+        per_round = max(100, hops // 10)
         try:
-            results = compare_steps([model, *against], rounds=rounds, hops=max(100, hops // 10))
+            results = compare_steps([model, *against], rounds=rounds, hops=per_round)
         except ValueError as error:
             raise click.UsageError(str(error)) from None
-        click.echo(json.dumps(results, indent=2) if as_json else format_comparison(results, max(100, hops // 10)))
+        click.echo(json.dumps(results, indent=2) if as_json else format_comparison(results, per_round))
         return
     results = benchmark(model, hops=hops, seconds=seconds)
     click.echo(json.dumps(results, indent=2) if as_json else format_report(results))

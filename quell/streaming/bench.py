@@ -41,15 +41,8 @@ def benchmark(model: str | Path | ModelCard = "dtln", hops: int = 10000, seconds
     load_ms = (time.perf_counter() - started) * 1e3
     hop = card.hop
     signal = _test_signal(max(seconds, hops * hop / card.sample_rate), card.sample_rate)
-    for i in range(200):  # warm-up
-        engine.step(signal[i * hop : (i + 1) * hop])
-    times = np.empty(hops)
-    for i in range(hops):
-        chunk = signal[i * hop : (i + 1) * hop]
-        t0 = time.perf_counter()
-        engine.step(chunk)
-        times[i] = time.perf_counter() - t0
-    times *= 1e3
+    _step_times(engine, signal, 200)  # warm-up
+    times = _step_times(engine, signal, hops)
     hop_ms = hop / card.sample_rate * 1e3
 
     audio = signal[: int(seconds * card.sample_rate) // hop * hop]
@@ -76,6 +69,17 @@ def benchmark(model: str | Path | ModelCard = "dtln", hops: int = 10000, seconds
     return results
 
 
+def _step_times(engine: StreamingModel, signal: np.ndarray, hops: int) -> np.ndarray:
+    """Milliseconds of each of `hops` steps over consecutive hops of `signal` (the model's input only)."""
+    hop, times = engine.card.hop, np.empty(hops)
+    for i in range(hops):
+        chunk = signal[i * hop : (i + 1) * hop]
+        t0 = time.perf_counter()
+        engine.step(chunk)
+        times[i] = time.perf_counter() - t0
+    return times * 1e3
+
+
 def compare_steps(models: list[str | Path | ModelCard], rounds: int = 16, hops: int = 1000) -> dict[str, dict]:
     """Per-hop step cost of each model, timed in `rounds` interleaved rounds of `hops` hops (A, B, ..., A, B, ...):
     whatever slows the machine slows every model alike. Per model: the p50 of each round, their median and min."""
@@ -86,16 +90,9 @@ def compare_steps(models: list[str | Path | ModelCard], rounds: int = 16, hops: 
     engines = [StreamingModel(card, threads=1) for card in cards]
     signals = [_test_signal(hops * card.hop / card.sample_rate, card.sample_rate) for card in cards]
     rounds_ms: list[list[float]] = [[] for _ in cards]
-    times = np.empty(hops)
     for _ in range(rounds + 1):  # the first round warms up
-        for engine, card, signal, result in zip(engines, cards, signals, rounds_ms, strict=True):
-            hop = card.hop
-            for i in range(hops):
-                chunk = signal[i * hop : (i + 1) * hop]
-                t0 = time.perf_counter()
-                engine.step(chunk, chunk) if card.reference_input else engine.step(chunk)
-                times[i] = time.perf_counter() - t0
-            result.append(float(np.percentile(times, 50)) * 1e3)
+        for engine, signal, result in zip(engines, signals, rounds_ms, strict=True):
+            result.append(float(np.percentile(_step_times(engine, signal, hops), 50)))
     return {name: {"round_p50_ms": result[1:], "median_p50_ms": float(np.median(result[1:])),
                    "min_p50_ms": float(min(result[1:]))} for name, result in zip(names, rounds_ms, strict=True)}
 
