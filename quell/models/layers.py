@@ -89,9 +89,9 @@ class D3Block(nn.Module):
         )
         # the mix hears the groups concatenated as they are (each its real, then its imaginary channels): one
         # Concat node instead of a Split per group and a Concat
+        self.group_offsets = [sum(self.group_channels[:g]) for g in range(len(self.group_channels))]
         total, order = sum(self.group_channels), []
-        for g, size in enumerate(self.group_channels):
-            offset = sum(self.group_channels[:g])
+        for offset, size in zip(self.group_offsets, self.group_channels, strict=True):
             order += [offset + j for j in range(size)] + [total + offset + j for j in range(size)]
         self.mix = ComplexConv2d(total, channels, kernel_t=1, kernel_f=1, input_order=order)
 

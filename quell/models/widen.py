@@ -20,12 +20,6 @@ import torch
 from quell.models.d3net_aec import D3NetAEC, D3NetAECConfig
 
 
-def _group_offsets(channels: int, growth: int, layers: int) -> list[int]:
-    """Where each group of a D3 block starts in the block's concatenated channels."""
-    sizes = [channels] + [growth] * layers
-    return [sum(sizes[:g]) for g in range(len(sizes))]
-
-
 def _place(new: dict[str, torch.Tensor], old: dict[str, torch.Tensor], prefix: str,
            out_index: torch.Tensor, in_index: torch.Tensor) -> None:
     """Put a narrow ComplexConv2d's weights into a wide one: old outputs hear only old inputs (as trained)."""
@@ -50,21 +44,22 @@ def widen_state_dict(old: dict[str, torch.Tensor], old_config: D3NetAECConfig, n
     if new_config.channels < old_config.channels or new_config.growth < old_config.growth:
         raise ValueError("the new model must be at least as wide as the old one")
     torch.manual_seed(seed)
-    new = {k: v.clone() for k, v in D3NetAEC(new_config).state_dict().items()}
+    wide = D3NetAEC(new_config)
+    new = {k: v.clone() for k, v in wide.state_dict().items()}
     trunk = torch.arange(old_config.channels)
     growth = torch.arange(old_config.growth)
     _place(new, old, "encoder", trunk, torch.arange(old["encoder.weight_real"].shape[1]))
     for i in range(old_config.downsample):
         _place(new, old, f"down.{i}", trunk, trunk)
         _place(new, old, f"up.{i}", trunk, trunk)
-    # the mix hears every group: the old groups' channels, in order, sit at each new group's start
-    new_offsets = _group_offsets(new_config.channels, new_config.growth, new_config.layers)
-    mix_in = torch.cat([torch.arange(size) + new_offsets[g]
-                        for g, size in enumerate([old_config.channels] + [old_config.growth] * old_config.layers)])
-    for b in range(old_config.blocks):
+    old_sizes = [old_config.channels] + [old_config.growth] * old_config.layers
+    for b, block in enumerate(wide.blocks):
         for i in range(old_config.layers):
             for g in range(i + 1):
                 _place(new, old, f"blocks.{b}.layers.{i}.{g}", growth, trunk if g == 0 else growth)
+        # the mix hears every group: the old groups' channels, in order, sit at each new group's start
+        mix_in = torch.cat([torch.arange(size) + offset
+                            for size, offset in zip(old_sizes, block.group_offsets, strict=True)])
         _place(new, old, f"blocks.{b}.mix", trunk, mix_in)
     _place(new, old, "masks", torch.arange(2), trunk)
     for key, value in old.items():  # the linear filter and anything else without channels
