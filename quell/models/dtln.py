@@ -100,17 +100,17 @@ class DTLN(nn.Module):
         s2 = None if states is None else states[2 * cfg.layers :]
         if self.dft == "fft":
             spec = torch.fft.rfft(frames, dim=-1)
-            re, im = spec.real, spec.imag
-        else:
-            spec = frames @ self.dft_forward
-            re, im = spec[..., : cfg.bins], spec[..., cfg.bins :]
-        magnitude = torch.sqrt(re * re + im * im + cfg.eps * cfg.eps)
+            spec = torch.stack([spec.real, spec.imag], dim=-2)
+        else:  # [..., 2, bins]: real and imaginary parts as one tensor, fewer nodes once exported
+            spec = (frames @ self.dft_forward).reshape(frames.shape[0], -1, 2, cfg.bins)
+        magnitude = torch.sqrt((spec * spec).sum(-2) + cfg.eps * cfg.eps)
         x, new1 = self.lstm1(self.stft_norm(torch.log(magnitude + cfg.eps)), s1)
-        mask = torch.sigmoid(self.mask1(x))
+        masked = spec * torch.sigmoid(self.mask1(x)).unsqueeze(-2)
         if self.dft == "fft":
-            encoded = self.encoder(torch.fft.irfft(torch.complex(re * mask, im * mask), n=cfg.window, dim=-1))
+            encoded = self.encoder(torch.fft.irfft(torch.complex(masked[..., 0, :], masked[..., 1, :]),
+                                                   n=cfg.window, dim=-1))
         else:  # inverse DFT and encoder are both linear: one product, a constant once exported
-            encoded = torch.cat([re * mask, im * mask], dim=-1) @ (self.dft_inverse @ self.encoder.weight.T)
+            encoded = masked.reshape(frames.shape[0], -1, 2 * cfg.bins) @ (self.dft_inverse @ self.encoder.weight.T)
         x, new2 = self.lstm2(self.encoder_norm(encoded), s2)
         frames = self.decoder(encoded * torch.sigmoid(self.mask2(x)))
         return frames, new1 + new2
