@@ -285,6 +285,25 @@ def test_echo_scenarios_have_the_right_talkers(corpora, tmp_path, scenario):
         assert mixture.params["realised_ser_db"] == pytest.approx(4.0, abs=0.5)
 
 
+def test_late_onset_leaves_the_far_end_alone_first(corpora, tmp_path):
+    from quell.dns.synth import EchoConfig
+
+    synth = _echo_synth(corpora, tmp_path, scenario_probs=(0.0, 0.0, 1.0), late_onset_prob=1.0,
+                        late_onset=(0.8, 1.2))
+    plain = _echo_synth(corpora, tmp_path, scenario_probs=(0.0, 0.0, 1.0)).mixture(3)
+    mixture = synth.mixture(3)
+    onset = mixture.params["near_onset"]
+    assert 0.8 <= onset <= 1.2 and plain.params["near_onset"] is None
+    start = int((onset - 0.001) * RATE)  # the onset is kept in ms
+    near_heard = mixture.mic - mixture.echo - mixture.noise
+    assert not mixture.near[:start].any() and np.abs(near_heard[:start]).max() < 1e-6
+    after = slice(start + RATE // 100 + 2 * RATE // 1000, None)  # past the 10 ms fade: as without the onset
+    np.testing.assert_allclose(mixture.near[after], plain.near[after], atol=1e-6)
+    np.testing.assert_allclose(mixture.echo, plain.echo, atol=1e-6)
+    with pytest.raises(ValueError, match="late_onset must end before"):
+        EchoConfig(segment_seconds=2.0, late_onset_prob=0.5, late_onset=(1.0, 3.0))
+
+
 def test_echo_mixture_is_deterministic(corpora, tmp_path):
     synth = _echo_synth(corpora, tmp_path)
     a, b, c = synth.mixture(5), synth.mixture(5), synth.mixture(6)

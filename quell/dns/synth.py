@@ -704,14 +704,22 @@ class EchoConfig:
     far_music_prob: float = 0.1  # the far end plays music rather than speech
     far_noise_prob: float = 0.05  # ... or noise
     reference_level_dbfs: tuple[float, float] = (-30.0, -15.0)  # the far end as the app plays it
+    # in this share of double-talk clips the near end starts talking late, at a time drawn from `late_onset`
+    # (seconds): the far end talks alone first, so the linear filter has converged when double talk begins
+    late_onset_prob: float = 0.0
+    late_onset: tuple[float, float] = (2.0, 5.0)
     near: SynthConfig = field(default_factory=lambda: SynthConfig(snr_db=(0.0, 40.0)))
 
     def __post_init__(self) -> None:
         if abs(sum(self.scenario_probs) - 1.0) > 1e-6 or min(self.scenario_probs) < 0:
             raise ValueError(f"EchoConfig.scenario_probs must be probabilities summing to 1: {self.scenario_probs}")
-        low, high = self.delay
-        if not 0.0 <= low <= high:
-            raise ValueError(f"EchoConfig.delay must be 0 <= low <= high, got {self.delay}")
+        for name in ("delay", "late_onset"):
+            low, high = getattr(self, name)
+            if not 0.0 <= low <= high:
+                raise ValueError(f"EchoConfig.{name} must be 0 <= low <= high, got {getattr(self, name)}")
+        if self.late_onset_prob > 0 and self.late_onset[1] >= self.segment_seconds:
+            raise ValueError(f"EchoConfig.late_onset must end before the segment ({self.segment_seconds} s), "
+                             f"got {self.late_onset}")
 
 
 @dataclass
@@ -789,6 +797,9 @@ class EchoSynthesizer:
             params["ser_db"] = round(float(ser_db), 3)
         if scenario == "far_end":
             heard, target = np.zeros_like(heard), np.zeros_like(target)
+        params["near_onset"] = None
+        if scenario == "double_talk" and config.late_onset_prob > 0 and rng.random() < config.late_onset_prob:
+            heard, target, params["near_onset"] = self._late_onset(heard, target, rng)
         mic = heard + echo + noise
         peak = float(np.max(np.abs(mic)))
         if peak > self.near.config.clip_guard:  # keep the mic, and what it is made of, below full scale
@@ -799,6 +810,15 @@ class EchoSynthesizer:
         return EchoMixture(mic=mic.astype(np.float32), reference=reference.astype(np.float32),
                            near=target.astype(np.float32), echo=echo.astype(np.float32),
                            noise=noise.astype(np.float32), params=params)
+
+    def _late_onset(self, heard: np.ndarray, target: np.ndarray, rng: np.random.Generator
+                    ) -> tuple[np.ndarray, np.ndarray, float]:
+        """The near end's speech (as heard and as the target) silent before a random onset, faded in over 10 ms;
+        returns both and the onset in seconds."""
+        rate = self.near.config.sample_rate
+        onset = int(round(rng.uniform(*self.config.late_onset) * rate))
+        gate = np.clip((np.arange(len(heard)) - onset) / (0.01 * rate), 0.0, 1.0).astype(np.float32)
+        return heard * gate, target * gate, round(onset / rate, 3)
 
     def _far_end(self, rng: np.random.Generator, params: dict) -> tuple[np.ndarray, str]:
         n = self.near.segment_samples
