@@ -735,6 +735,11 @@ class EchoMixture:
     params: dict = field(default_factory=dict)
 
 
+def _ramp(n: int, start: int, length: float) -> np.ndarray:
+    """n samples of 0 up to `start`, rising linearly to 1 over `length` samples, then 1."""
+    return np.clip((np.arange(n) - start) / length, 0.0, 1.0)
+
+
 def loudspeaker(signal: np.ndarray, kind: str, rng: np.random.Generator) -> tuple[np.ndarray, dict]:
     """A loudspeaker's nonlinearity on a unit-peak signal: hard or soft clipping or a polynomial."""
     if kind == "hard_clip":
@@ -797,7 +802,7 @@ class EchoSynthesizer:
             params["ser_db"] = round(float(ser_db), 3)
         if scenario == "far_end":
             heard, target = np.zeros_like(heard), np.zeros_like(target)
-        params["near_onset"] = None
+        params["near_onset"] = None  # (no random draw when late onsets are off: older recipes keep their data)
         if scenario == "double_talk" and config.late_onset_prob > 0 and rng.random() < config.late_onset_prob:
             heard, target, params["near_onset"] = self._late_onset(heard, target, rng)
         mic = heard + echo + noise
@@ -817,7 +822,7 @@ class EchoSynthesizer:
         returns both and the onset in seconds."""
         rate = self.near.config.sample_rate
         onset = int(round(rng.uniform(*self.config.late_onset) * rate))
-        gate = np.clip((np.arange(len(heard)) - onset) / (0.01 * rate), 0.0, 1.0).astype(np.float32)
+        gate = _ramp(len(heard), onset, 0.01 * rate).astype(np.float32)
         return heard * gate, target * gate, round(onset / rate, 3)
 
     def _far_end(self, rng: np.random.Generator, params: dict) -> tuple[np.ndarray, str]:
@@ -852,7 +857,7 @@ class EchoSynthesizer:
             second = self.rooms[int(rng.integers(len(self.rooms)))]
             later = scipy.signal.fftconvolve(driven, second[0][:n])[:n]
             change = int(rng.uniform(0.3, 0.7) * n)
-            fade = np.clip((np.arange(n) - change) / (0.02 * rate), 0.0, 1.0)  # 20 ms crossfade
+            fade = _ramp(n, change, 0.02 * rate)  # 20 ms crossfade
             echo = (1 - fade) * echo + fade * later
             params.update(path_change_at=round(change / rate, 3), echo_rir_after=second[1])
         delay = int(round(rng.uniform(*config.delay) * rate))
