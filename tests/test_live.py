@@ -11,6 +11,7 @@ shows exactly which reference sample went with which mic sample.
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -22,7 +23,7 @@ from click.testing import CliRunner
 
 from quell.cli import main
 from quell.dns.metrics import erle
-from quell.streaming import catalog
+from quell.streaming import catalog, live
 from quell.streaming.denoiser import Denoiser
 from quell.streaming.echo import EchoCanceller
 from quell.streaming.live import LiveEngine, LiveError, LiveSession, LiveStats, _step_strength
@@ -241,6 +242,23 @@ def test_ctrl_c_asks_the_loop_to_stop_and_a_second_one_forces_it(delay_card):
     assert session._stop == "interrupted"
     with pytest.raises(KeyboardInterrupt):
         session._interrupt()
+
+
+def test_a_bypass_toggle_while_the_devices_are_probed_is_kept(delay_card, monkeypatch):
+    """Probing the devices already shows up as a recording stream on a sound server: SIGUSR1 sent then must not
+    kill the process (its default action) and the toggle must reach the engine made later."""
+    class Probing:
+        def query_devices(self):
+            os.kill(os.getpid(), signal.SIGUSR1)
+            return []  # then: no devices, the run ends with a one-line error
+
+    monkeypatch.setattr(live, "_sounddevice", Probing)
+    before = signal.getsignal(signal.SIGUSR1)
+    session = LiveSession(delay_card)
+    with pytest.raises(LiveError, match="no audio devices"):
+        session.run()
+    assert session.bypass
+    assert signal.getsignal(signal.SIGUSR1) is before  # restored
 
 
 def test_cuda_without_onnxruntime_gpu_is_one_line(delay_card):

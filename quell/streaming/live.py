@@ -652,6 +652,17 @@ class LiveSession:
         failed, and, with `aec`, a server without the monitor source. Whatever happens, the streams are closed,
         the recordings finished and the virtual microphone removed.
         """
+        # from here on SIGTERM and Ctrl-C ask the loop to stop instead of killing the process or raising
+        # KeyboardInterrupt wherever the main thread happens to be (inside a lock or a stream's setup, it
+        # could leave the exit waiting forever), so that whatever is made is also unmade; a second Ctrl-C, for
+        # a stop that takes too long, raises KeyboardInterrupt after all. SIGUSR1 is caught from the start
+        # too: probing the devices already shows up as a recording stream on a sound server, and a toggle sent
+        # then must not kill the process (its default action)
+        with _signals({"SIGTERM": self._terminate, "SIGHUP": self._terminate, "SIGINT": self._interrupt,
+                       "SIGUSR1": self._toggle_bypass}):
+            return self._probe_and_run(duration, report, report_every, keys, stall_seconds)
+
+    def _probe_and_run(self, duration, report, report_every, keys, stall_seconds) -> LiveStats:
         sd = _sounddevice()
         if not sd.query_devices():
             raise LiveError("no audio devices found (no sound card, and no sound server that PortAudio can reach)")
@@ -672,13 +683,7 @@ class LiveSession:
 
     def _run(self, sd, source, sink, monitor, rate, block, duration, report, report_every, keys,
              stall_seconds) -> None:
-        with contextlib.ExitStack() as stack:  # unwinds in reverse: keys, streams, engine, microphone, signals
-            # from here on SIGTERM and Ctrl-C ask the loop to stop instead of killing the process or raising
-            # KeyboardInterrupt wherever the main thread happens to be (inside a lock or a stream's setup, it
-            # could leave the exit waiting forever), so that whatever is made below is also unmade; a second
-            # Ctrl-C, for a stop that takes too long, raises KeyboardInterrupt after all
-            stack.enter_context(_signals({"SIGTERM": self._terminate, "SIGHUP": self._terminate,
-                                          "SIGINT": self._interrupt, "SIGUSR1": self._toggle_bypass}))
+        with contextlib.ExitStack() as stack:  # unwinds in reverse: keys, streams, engine, microphone
             environment = {}
             if self.virtual_mic:
                 # pin the input to the real microphone before "quell" exists, so that quell never hears itself
@@ -813,7 +818,9 @@ class LiveSession:
         self._stop = "interrupted"
 
     def _toggle_bypass(self) -> None:
-        if self.engine is not None:
+        if self.engine is None:  # not made yet: it starts with self.bypass
+            self.bypass = not self.bypass
+        else:
             self.engine.bypass = not self.engine.bypass
 
     # ----- the audio callbacks: copies and counters only -----
