@@ -12,7 +12,10 @@ rating move when the output leaks the mic (echo included) where both ends talk? 
   far-end  : the far end plays (its aligned signal above `--far-floor` dBFS; the set's true delay);
   ratio    : the far end plays and the output keeps at least `--threshold` dB of the mic's energy (a causal
              double-talk detector from what a runtime has);
-  oracle   : the far end plays and the clean near end is above `--threshold` dBFS (a perfect detector).
+  oracle   : the far end plays and the clean near end is above `--threshold` dBFS (a perfect detector);
+  detector : the far end plays and the output, less its noise floor, exceeds the echo expected from the far
+             end by `--threshold` dB;
+  probabilities : the far end plays and a learnt detector's probability (`dt_head.py`) exceeds `--threshold`.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import numpy as np
 import soundfile as sf
 
 HOP = 160  # 10 ms at 16 kHz
+GATES = ["always", "far-end", "ratio", "oracle", "detector", "probabilities"]
 
 
 def _hop_energies(signal: np.ndarray, hops: int, smoothing: float) -> np.ndarray:
@@ -67,9 +71,13 @@ def main() -> None:
     parser.add_argument("echo_set", type=Path, help="a `quell synth --echo` folder")
     parser.add_argument("mixed", type=Path)
     parser.add_argument("--gain", type=float, default=0.2, help="share of the mic while the gate is open")
-    parser.add_argument("--gate", choices=["always", "far-end", "ratio", "oracle", "detector"], default="far-end")
-    parser.add_argument("--threshold", type=float, default=-12.0, help="dB: the ratio or oracle gate's threshold")
+    parser.add_argument("--gate", choices=GATES, default="far-end")
+    parser.add_argument("--threshold", type=float, default=-12.0,
+                        help="the gate's threshold: dB (ratio, detector), dBFS (oracle) or a probability")
     parser.add_argument("--far-floor", type=float, default=-50.0, help="dBFS: the far end counts as playing above")
+    parser.add_argument("--probabilities", type=Path, default=None,
+                        help="a folder of per-hop near-end probabilities, CLIP.npy (dt_head.py detect)")
+    parser.add_argument("--hold", type=float, default=0.0, help="seconds from the start with the gate shut")
     parser.add_argument("--release", type=float, default=0.9, help="per-hop decay of the mix once the gate closes")
     parser.add_argument("--smoothing", type=float, default=0.7, help="one-pole smoothing of the hop energies")
     args = parser.parse_args()
@@ -94,6 +102,10 @@ def main() -> None:
             gate &= _hop_energies(clean, hops, args.smoothing) > 10 ** (args.threshold / 10)
         if args.gate == "detector":
             gate = _detector(energy, gate, args.threshold)
+        elif args.gate == "probabilities":
+            probabilities = np.load(args.probabilities / (path.stem + ".npy"))
+            gate &= _fit(probabilities, hops) > args.threshold
+        gate[: round(args.hold * rate / HOP)] = False
         weights, w = np.zeros(hops + 1), 0.0
         for t in range(hops):
             w = args.gain if gate[t] else args.release * w
