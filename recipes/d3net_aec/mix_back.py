@@ -77,6 +77,8 @@ def main() -> None:
     parser.add_argument("--far-floor", type=float, default=-50.0, help="dBFS: the far end counts as playing above")
     parser.add_argument("--probabilities", type=Path, default=None,
                         help="a folder of per-hop near-end probabilities, CLIP.npy (dt_head.py detect)")
+    parser.add_argument("--soft", action="store_true",
+                        help="probabilities: mix at gain x probability (no threshold), released as before")
     parser.add_argument("--hold", type=float, default=0.0, help="seconds from the start with the gate shut")
     parser.add_argument("--release", type=float, default=0.9, help="per-hop decay of the mix once the gate closes")
     parser.add_argument("--smoothing", type=float, default=0.7, help="one-pole smoothing of the hop energies")
@@ -103,12 +105,17 @@ def main() -> None:
         if args.gate == "detector":
             gate = _detector(energy, gate, args.threshold)
         elif args.gate == "probabilities":
-            probabilities = np.load(args.probabilities / (path.stem + ".npy"))
-            gate &= _fit(probabilities, hops) > args.threshold
+            probabilities = _fit(np.load(args.probabilities / (path.stem + ".npy")), hops)
+            if args.soft:  # the share follows the probability instead of a threshold
+                share = np.where(gate, probabilities, 0.0)
+            gate &= probabilities > args.threshold
         gate[: round(args.hold * rate / HOP)] = False
         weights, w = np.zeros(hops + 1), 0.0
         for t in range(hops):
-            w = args.gain if gate[t] else args.release * w
+            if args.soft and args.gate == "probabilities":
+                w = max(args.gain * share[t], args.release * w)
+            else:
+                w = args.gain if gate[t] else args.release * w
             weights[t + 1] = w
         ramp = (weights[:-1, None] + (weights[1:] - weights[:-1])[:, None] * np.arange(HOP) / HOP).ravel()
         mixed = output.copy()
