@@ -42,11 +42,15 @@ def test_d3_block_is_causal_and_streams_exactly():
     torch.testing.assert_close(torch.cat(frames, dim=2), offline, atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("hybrid,variable_step", [(False, False), (True, False), (True, True)],
-                         ids=["plain", "linear-filter-and-downsampling", "variable-step-filter"])
-def test_streaming_equals_offline_and_onnx_equals_pytorch(tmp_path, hybrid, variable_step):
+@pytest.mark.parametrize("hybrid,variable_step,detector", [(False, False, False), (True, False, False),
+                                                            (True, True, False), (True, True, True)],
+                         ids=["plain", "linear-filter-and-downsampling", "variable-step-filter",
+                              "double-talk-detector"])
+def test_streaming_equals_offline_and_onnx_equals_pytorch(tmp_path, hybrid, variable_step, detector):
     torch.manual_seed(1)
     extra = {"downsample": 2, "filter_partitions": 4, "filter_variable_step": variable_step} if hybrid else {}
+    if detector:
+        extra |= {"presence_hidden": 6, "double_talk_mix": 0.5}
     model = D3NetAEC(D3NetAECConfig(channels=8, growth=4, layers=3, blocks=2, **extra)).eval()
     rng = np.random.default_rng(0)
     mic, ref = (torch.from_numpy(rng.standard_normal((1, 160 * 30)).astype(np.float32) * 0.1) for _ in range(2))
@@ -69,6 +73,30 @@ def test_streaming_equals_offline_and_onnx_equals_pytorch(tmp_path, hybrid, vari
     assert any(name.startswith("filter_") for name in names) == hybrid
     if hybrid:  # the blocks run on a quarter of the bins: 161 -> 81 -> 41
         assert all(state.shape[-1] == 41 for state in loaded.states if state.name.startswith("block"))
+    assert ("presence_state" in names) == detector
+
+
+def test_the_double_talk_detector_mixes_the_mic_in_where_both_ends_talk():
+    """Sure that the near end talks while the far end plays, at a mix of 1, the output is the mic itself (the
+    analysis-synthesis pair reconstructs it); sure that it does not, or with the far end silent, it is the
+    canceller's own output, as without a detector."""
+    torch.manual_seed(5)
+    sizes = {"channels": 4, "growth": 4, "layers": 2, "blocks": 1, "filter_partitions": 4}
+    plain = D3NetAEC(D3NetAECConfig(**sizes)).eval()
+    model = D3NetAEC(D3NetAECConfig(**sizes, presence_hidden=4, double_talk_mix=1.0)).eval()
+    model.load_state_dict(plain.state_dict(), strict=False)  # the same canceller, and a detector
+    rng = np.random.default_rng(1)
+    mic, ref = (torch.from_numpy(rng.standard_normal((1, 160 * 20)).astype(np.float32) * 0.1) for _ in range(2))
+    silent = torch.zeros_like(ref)
+    with torch.no_grad():
+        canceller, _ = plain(mic, ref)
+        alone, _ = plain(mic, silent)
+        for bias, reference, expected in ((30.0, ref, mic), (-30.0, ref, canceller), (30.0, silent, alone)):
+            model.presence.out.weight.zero_()
+            model.presence.out.bias.fill_(bias)
+            near, _ = model(mic, reference)
+            torch.testing.assert_close(near, expected, atol=1e-5, rtol=0)
+    assert (canceller - mic).abs().max() > 0.01 and (alone - mic).abs().max() > 0.01  # the cases differ
 
 
 def test_the_linear_filter_takes_a_linear_echo_out_before_the_network():

@@ -78,6 +78,27 @@ def test_a_parity_failure_is_detected(tmp_path):
         check_parity(model, card.path)
 
 
+def test_a_transpose_that_changes_the_shape_stays(tmp_path):
+    """[1, 1, 8] -> [1, 1, 8] moves nothing and goes; [1, 3, 1, 8] -> [1, 1, 3, 8] moves no data either but
+    changes the shape its consumer sees, and stays."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    from quell.export.simplify import simplify_step_graph
+
+    def graph(shape: list[int], perm: list[int]) -> onnx.ModelProto:
+        transposed = [shape[axis] for axis in perm]
+        nodes = [helper.make_node("Transpose", ["x"], ["t"], perm=perm), helper.make_node("Relu", ["t"], ["y"])]
+        return helper.make_model(helper.make_graph(
+            nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, shape)],
+            [helper.make_tensor_value_info("y", TensorProto.FLOAT, transposed)]))
+
+    for shape, perm, removed in (([1, 1, 8], [1, 0, 2], 1), ([1, 3, 1, 8], [0, 2, 1, 3], 0)):
+        path = tmp_path / "g.onnx"
+        onnx.save(graph(shape, perm), path)
+        assert simplify_step_graph(path) == removed, (shape, perm)
+
+
 def test_step_graph_loses_the_lstm_shape_shuffles_and_not_a_bit_of_output(tmp_path):
     import onnx
 

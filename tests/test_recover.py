@@ -15,9 +15,12 @@ import torch
 from quell.export.exporter import export_checkpoint
 from quell.models.train import build_model
 
-TINY = {
-    "dtln": {"hidden": 16, "layers": 2, "encoder": 32},
-    "d3net_aec": {"channels": 4, "growth": 4, "layers": 2, "blocks": 2, "downsample": 1, "filter_partitions": 3},
+TINY = {  # a model's name in the tests: (the recipe's model, its sizes)
+    "dtln": ("dtln", {"hidden": 16, "layers": 2, "encoder": 32}),
+    "d3net_aec": ("d3net_aec", {"channels": 4, "growth": 4, "layers": 2, "blocks": 2, "downsample": 1,
+                                "filter_partitions": 3}),
+    "d3net_aec_detector": ("d3net_aec", {"channels": 4, "growth": 4, "layers": 2, "blocks": 1,
+                                         "filter_partitions": 3, "presence_hidden": 5}),
 }
 
 
@@ -27,13 +30,16 @@ def _quell(*args: str) -> subprocess.CompletedProcess:
 
 def _exported(kind: str, folder, init: dict | None = None) -> torch.nn.Module:
     """A tiny model with every weight non-zero, saved as a checkpoint and exported to folder/model.onnx."""
-    recipe = {"model": kind, "model_args": TINY[kind]}
+    recipe = {"model": TINY[kind][0], "model_args": TINY[kind][1]}
     torch.manual_seed(0)
     model = build_model(recipe)
-    with torch.no_grad():  # biases start at zero: make them count
+    with torch.no_grad():  # biases start at zero, a detector's standardization at (0, 1): make them count
         for name, value in model.named_parameters():
             if name.endswith("bias"):
                 value.normal_()
+        if getattr(model, "presence", None) is not None:
+            model.presence.mean.normal_()
+            model.presence.std.uniform_(0.5, 2.0)
     torch.save({"model": model.state_dict(), "recipe": recipe,
                 "state": {"step": 12, "epoch": 3, "best": 1.5, "init": init}}, folder / "run.pt")
     export_checkpoint(folder / "run.pt", folder / "model.onnx")
@@ -52,7 +58,7 @@ def test_recovered_checkpoint_holds_the_exported_weights_and_history(kind, tmp_p
     assert set(recovered["model"]) == set(expected), set(recovered["model"]) ^ set(expected)
     for name, value in expected.items():
         torch.testing.assert_close(recovered["model"][name], value, atol=0, rtol=0, msg=name)
-    assert recovered["recipe"] == {"model": kind, "model_args": TINY[kind]}
+    assert recovered["recipe"] == {"model": TINY[kind][0], "model_args": TINY[kind][1]}
     assert (recovered["state"]["step"], recovered["state"]["init"]) == (12, history)
 
     again = _quell("recover", str(tmp_path / "model.json"), "-o", str(tmp_path / "recovered.pt"))

@@ -7,7 +7,7 @@ Every weight of a quell model is an initializer of its exported graph, in a layo
   weights, named after the module; the encoder as the one MatMul left.
 - D3Net AEC (read from the step graph): every pseudo-complex convolution is one Conv node whose weight is the
   block matrix [[W_r, -W_i], [W_i, W_r]]; the nodes come in the order of the modules (the order the model
-  runs them), each with its bias.
+  runs them), each with its bias; a double-talk detector as one ONNX GRU (gates z, r, h) and a MatMul.
 
 `recover_checkpoint` refuses weights whose re-export does not reproduce the shipped graph's output (max abs
 difference on a test signal <= 1e-5), so a wrong mapping cannot pass silently. The card next to the graph gives
@@ -103,6 +103,28 @@ def d3net_aec_state_dict(graph_path: str | Path, model: torch.nn.Module) -> dict
         state[f"{name}.weight_imag"] = torch.from_numpy(imag.copy())
         if conv.bias is not None:
             state[f"{name}.bias"] = torch.from_numpy(values[node.input[2]].copy())
+    if getattr(model, "presence", None) is not None:
+        state.update(_detector_state_dict(graph, values))
+    return state
+
+
+def _detector_state_dict(graph: onnx.GraphProto, values: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
+    """The double-talk detector's weights: its standardization as named initializers, the GRU as an ONNX GRU
+    (gates z, r, h; PyTorch's are r, z, n), and the output layer as a MatMul by its transposed weight."""
+    (gru,) = [node for node in graph.node if node.op_type == "GRU"]
+    w, r, b = (values[gru.input[i]][0] for i in (1, 2, 3))
+    hidden = r.shape[1]
+
+    def gates(weight: np.ndarray) -> torch.Tensor:
+        z, reset, h = np.split(weight, 3, axis=0)
+        return torch.from_numpy(np.concatenate([reset, z, h], axis=0).copy())
+
+    (out,) = [node for node in graph.node if node.op_type == "MatMul" and node.input[0].startswith("/gru/")]
+    state = {f"presence.{name}": torch.from_numpy(values[f"model.presence.{name}"].copy())
+             for name in ("mean", "std", "out.bias")}
+    state.update({"presence.gru.weight_ih_l0": gates(w), "presence.gru.weight_hh_l0": gates(r),
+                  "presence.gru.bias_ih_l0": gates(b[: 3 * hidden]), "presence.gru.bias_hh_l0": gates(b[3 * hidden :]),
+                  "presence.out.weight": torch.from_numpy(values[out.input[1]].T.copy())})
     return state
 
 

@@ -3,7 +3,7 @@
 At one hop per call a node costs about as much as its arithmetic, and the TorchScript exporter wraps every
 batch-first `nn.LSTM` in a Transpose before it and a Squeeze after it (ONNX's LSTM is sequence-first and its
 output has a direction axis). With one time step, one batch item and one direction these move no data:
-- a Transpose that only moves axes of size 1 is the identity;
+- a Transpose that only moves axes of size 1, and so leaves the shape as it was, is the identity;
 - the LSTM's full output Y squeezed on its direction axis holds the same numbers as its last hidden state
   Y_h, which the graph computes anyway (it is the new state).
 Both are rewired away; the result is bit-identical and, for a DTLN step graph, ~0.005 ms per hop cheaper
@@ -40,7 +40,9 @@ def _is_identity_transpose(node: onnx.NodeProto, shapes: dict[str, list[int | No
         return False
     perm = _attribute(node, "perm", list(reversed(range(len(shape)))))
     moved = [axis for axis in perm if shape[axis] != 1]
-    return moved == sorted(moved)  # the axes that hold data keep their order
+    # the axes that hold data keep their order, and they stay where they were: [1, k, 1, 8] -> [1, 1, k, 8]
+    # moves no data either, but its consumers expect the new shape
+    return moved == sorted(moved) and [shape[axis] for axis in perm] == shape
 
 
 def _squeezes_one_step_lstm(node: onnx.NodeProto, producers: dict, constants: dict, shapes: dict) -> bool:

@@ -12,6 +12,11 @@ connections restores it before the masks), and `filter_partitions` puts a linear
 (`quell.models.adaptive`, inside the graph): the masks then act on the filter's residual, and the network also
 hears the filter's echo estimate, a third complex input.
 
+An optional double-talk detector (`presence_hidden`) limits the suppression where both ends talk, as classic
+cancellers do: a small GRU on the network's own features says whether the near end talks; while it does and the
+far end plays, `double_talk_mix` of the mic goes into the output (mixed in the spectrum, released over a few hops
+afterwards). It is trained on its own behind the frozen network (recipes/d3net_aec/dt_head.py).
+
 Everything is causal in time (20 ms window, 10 ms hop: one VoIP frame per hop), so the model streams:
 `stream()` takes one hop of mic and reference and every state (analysis buffers, the overlap-add buffer and
 each dilated convolution's past frames) and gives one hop of near-end speech, `window - hop` samples late.
@@ -44,10 +49,41 @@ class D3NetAECConfig:
     filter_partitions: int = 0  # linear adaptive filter length in hops (0: no linear front end)
     filter_step: float = 0.5  # its NLMS step size (with filter_variable_step: the largest)
     filter_variable_step: bool = False  # per-bin step from the residual echo's share of the error (Valin 2007)
+    # a double-talk detector on the network's own features (`DoubleTalkDetector`, trained to hear the near end;
+    # 0: none) and the share of the mic that goes into the output where it says the near end talks while the
+    # far end plays (10 dB of echo suppression at most there)
+    presence_hidden: int = 0
+    double_talk_mix: float = 0.3
 
     @property
     def bins(self) -> int:
         return self.window // 2 + 1
+
+
+PRESENCE_BANDS = 8  # frequency bands of the double-talk detector's energy and mask features
+FAR_SMOOTHING = 0.7  # one-pole smoothing of the reference's hop energy, per hop
+FAR_ACTIVE = 1e-5  # smoothed reference energy above which the far end plays (-50 dBFS)
+MIX_RELEASE = 0.9  # per-hop decay of the mic's share once double talk ends (a mix flickering on and off hurts)
+
+
+class DoubleTalkDetector(nn.Module):
+    """Per-hop probability that both ends talk, from what the canceller computed: a causal GRU.
+
+    It is trained on its own, behind the frozen canceller (recipes/d3net_aec/dt_head.py); its features are
+    standardized by the training set's mean and spread (buffers).
+    """
+
+    def __init__(self, inputs: int, hidden: int):
+        super().__init__()
+        self.register_buffer("mean", torch.zeros(inputs))
+        self.register_buffer("std", torch.ones(inputs))
+        self.gru = nn.GRU(inputs, hidden, batch_first=True)
+        self.out = nn.Linear(hidden, 1)
+
+    def logits(self, features: torch.Tensor, state: torch.Tensor | None = None):
+        """Features [B, T, inputs] -> (logits [B, T], new GRU state [1, B, hidden])."""
+        y, state = self.gru((features - self.mean) / self.std, state)
+        return self.out(y).squeeze(-1), state
 
 
 class D3NetAEC(nn.Module):
@@ -83,6 +119,13 @@ class D3NetAEC(nn.Module):
         forward, inverse = real_dft_matrices(n)
         self.register_buffer("dft_forward", (window[:, None] * forward).float(), persistent=False)  # -> [re | im]
         self.register_buffer("dft_inverse", (inverse * window[None, :]).float(), persistent=False)
+        pool = torch.zeros(cfg.bins, PRESENCE_BANDS)  # band means, bands as torch.tensor_split cuts the bins
+        for band, bins in enumerate(torch.arange(cfg.bins).tensor_split(PRESENCE_BANDS)):
+            pool[bins, band] = 1.0 / len(bins)
+        self.register_buffer("band_pool", pool, persistent=False)
+        heard = 3 if self.linear else 2
+        self.presence = DoubleTalkDetector(PRESENCE_BANDS * (3 + heard) + cfg.channels, cfg.presence_hidden) \
+            if cfg.presence_hidden else None
 
     # ---- the spectral core: [B, n, T, 2F] spectra of the signals -> enhanced spectra -------------------------
     def _features(self, spectra: torch.Tensor) -> torch.Tensor:
@@ -93,8 +136,9 @@ class D3NetAEC(nn.Module):
         scale = (re * re + im * im + 1e-12) ** ((cfg.compress - 1) / 2)
         return torch.cat([re * scale, im * scale], dim=1)
 
-    def _masks(self, spectra: torch.Tensor, blocks) -> torch.Tensor:
-        """Spectra [B, n, T, 2F] -> mask tensor [B, 4, T, F]; `blocks` runs the D3 blocks (whole or one frame)."""
+    def _masks(self, spectra: torch.Tensor, blocks) -> tuple[torch.Tensor, torch.Tensor]:
+        """Spectra [B, n, T, 2F] -> (mask tensor [B, 4, T, F], the last decoder layer [B, 2C, T, F] it came from);
+        `blocks` runs the D3 blocks (whole or one frame)."""
         features = self._features(spectra)
         if self.training:  # channels-last convolutions train 2-3x faster on CPU (same numbers)
             features = features.contiguous(memory_format=torch.channels_last)
@@ -106,7 +150,44 @@ class D3NetAEC(nn.Module):
         x = blocks(x)
         for up, skip in zip(self.up, reversed(skips), strict=True):
             x = complex_activation(up(upsample_frequency(x, skip.shape[-1]) + skip))
-        return self.masks(x)
+        return self.masks(x), x
+
+    def presence_features(self, spectra: torch.Tensor, masks: torch.Tensor, near: torch.Tensor,
+                          hidden: torch.Tensor) -> torch.Tensor:
+        """The double-talk detector's features [B, T, D] per hop: the bounded echo and noise masks' magnitudes,
+        the log energies of the output and of the signals heard, each in PRESENCE_BANDS bands, and the last
+        decoder layer's channel magnitudes (means over frequency)."""
+        bins = self.config.bins
+        magnitudes = torch.tanh(torch.sqrt(masks[:, :2] ** 2 + masks[:, 2:] ** 2 + 1e-12))  # [B, 2, T, F]
+        spectra = torch.cat([near.unsqueeze(1), spectra], 1)  # [B, 1 + n, T, 2F]
+        powers = spectra[..., :bins] ** 2 + spectra[..., bins:] ** 2
+        pooled = torch.cat([magnitudes, powers], 1) @ self.band_pool  # [B, 3 + n, T, bands]
+        pooled = torch.cat([pooled[:, :2], torch.log10(pooled[:, 2:] + 1e-10)], 1)
+        channels = hidden.shape[1] // 2
+        hidden = torch.sqrt(hidden[:, :channels] ** 2 + hidden[:, channels:] ** 2 + 1e-12).mean(-1)  # [B, C, T]
+        batch, count, frames, bands = pooled.shape
+        return torch.cat([pooled.permute(0, 2, 1, 3).reshape(batch, frames, count * bands),
+                          hidden.transpose(1, 2)], -1)
+
+    def _double_talk_shares(self, logits: torch.Tensor, reference_hops: torch.Tensor, far_energy: torch.Tensor,
+                            share: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The mic's share [B, T] per hop: `double_talk_mix` while the detector hears the near end (p > 0.5) and
+        the far end plays (the reference hops [B, T, hop], their energy smoothed), else the last share decaying.
+        Returns the shares and the last smoothed far-end energy and share [B, 1] (states when streaming)."""
+        energies = (reference_hops**2).mean(-1)
+        shares = []
+        for t in range(logits.shape[1]):
+            far_energy = FAR_SMOOTHING * far_energy + (1 - FAR_SMOOTHING) * energies[:, t : t + 1]
+            talk = (logits[:, t : t + 1] > 0) & (far_energy > FAR_ACTIVE)
+            share = torch.where(talk, torch.full_like(share, self.config.double_talk_mix), MIX_RELEASE * share)
+            shares.append(share)
+        return torch.cat(shares, 1), far_energy, share
+
+    @staticmethod
+    def _double_talk_mix(near: torch.Tensor, mic: torch.Tensor, shares: torch.Tensor) -> torch.Tensor:
+        """The output spectrum [B, T, 2F] with the mic's [B, T, 2F] mixed in at `shares` [B, T] (before the
+        inverse DFT: the synthesis window crossfades from hop to hop)."""
+        return near + shares.unsqueeze(-1) * (mic - near)
 
     def _signals(self, mic: torch.Tensor, reference: torch.Tensor, states: list[torch.Tensor] | None = None):
         """The signals the network hears (the masked one first), and the filter's new states when streaming."""
@@ -131,22 +212,44 @@ class D3NetAEC(nn.Module):
 
     # ---- training: whole signals --------------------------------------------------------------------------------
     def forward(self, mic: torch.Tensor, reference: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """[B, samples] mic and reference -> (near-end speech, mic without echo), time-aligned, same length."""
+        """[B, samples] mic and reference -> (near-end speech, mic without echo), time-aligned, same length.
+
+        With a double-talk detector the near-end output has the mic mixed in where it says both ends talk."""
         cfg = self.config
         length, overlap = mic.shape[-1], cfg.window - cfg.hop
-        tail = (-length) % cfg.hop
-        signals, _ = self._signals(*(nn.functional.pad(x, (0, tail)) for x in (mic, reference)))
-        spectra = torch.stack([_frames(nn.functional.pad(x, (overlap, overlap)), cfg) for x in signals], 1) \
-            @ self.dft_forward  # [B, n, T, 2F]
+        analysis = self.analyse(mic, reference)
+        near, echo_free = analysis["near"], analysis["echo_free"]
+        if self.presence is not None:
+            logits, _ = self.presence.logits(self.presence_features(
+                analysis["spectra"], analysis["masks"], near, analysis["hidden"]))
+            hops = nn.functional.pad(reference, (0, (-length) % cfg.hop)).reshape(mic.shape[0], -1, cfg.hop)
+            hops = nn.functional.pad(hops, (0, 0, 0, logits.shape[1] - hops.shape[1]))  # the last frame's: zeros
+            zero = torch.zeros(mic.shape[0], 1)
+            shares, _, _ = self._double_talk_shares(logits, hops, zero, zero)
+            near = self._double_talk_mix(near, analysis["mic"], shares)
+        return tuple(_overlap_add(s @ self.dft_inverse, cfg.hop)[..., overlap : overlap + length]
+                     for s in (near, echo_free))
+
+    def analyse(self, mic: torch.Tensor, reference: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Whole [B, samples] signals -> the spectra [B, T, 2F] of the mic, the near-end output and the mic
+        without echo, the spectra heard [B, n, T, 2F], the masks and the last decoder layer (as `_masks`)."""
+        cfg = self.config
+        overlap = cfg.window - cfg.hop
+        mic, reference = (nn.functional.pad(x, (0, (-mic.shape[-1]) % cfg.hop)) for x in (mic, reference))
+        signals, _ = self._signals(mic, reference)
+        spectra = torch.stack([_frames(nn.functional.pad(x, (overlap, overlap)), cfg) for x in (*signals, mic)],
+                              1) @ self.dft_forward  # [B, n + 1, T, 2F]: the heard signals, then the mic
 
         def blocks(x: torch.Tensor) -> torch.Tensor:
             for block in self.blocks:
                 x = block(x)
             return x
 
-        near, echo_free = self._apply_masks(spectra[:, 0], self._masks(spectra, blocks))
-        return tuple(_overlap_add(s @ self.dft_inverse, cfg.hop)[..., overlap : overlap + length]
-                     for s in (near, echo_free))
+        heard = spectra[:, :-1]
+        masks, hidden = self._masks(heard, blocks)
+        near, echo_free = self._apply_masks(heard[:, 0], masks)
+        return {"mic": spectra[:, -1], "near": near, "echo_free": echo_free, "spectra": heard, "masks": masks,
+                "hidden": hidden}
 
     # ---- streaming: one hop with explicit states ----------------------------------------------------------------
     def state_shapes(self) -> dict[str, tuple[int, ...]]:
@@ -165,6 +268,11 @@ class D3NetAEC(nn.Module):
         for b, block in enumerate(self.blocks):
             for g, frames in enumerate(block.history_frames()):
                 shapes[f"block{b}_group{g}"] = (1, 2 * block.group_channels[g], frames, bins)
+        if self.presence is not None:  # the mic's analysis buffer (for the mix), the detector's GRU, the mix
+            shapes["presence_mic_buffer"] = (1, overlap)
+            shapes["presence_state"] = (1, 1, cfg.presence_hidden)
+            shapes["presence_far_energy"] = (1, 1)
+            shapes["presence_share"] = (1, 1)
         return shapes
 
     def initial_states(self) -> list[torch.Tensor]:
@@ -179,7 +287,13 @@ class D3NetAEC(nn.Module):
         filter_count = len(self.linear.state_shapes()) if self.linear is not None else 0
         signals, filter_states = self._signals(mic, reference, states[:filter_count] if filter_count else None)
         *buffers, output_buffer = states[filter_count : filter_count + len(signals) + 1]
-        histories = states[filter_count + len(signals) + 1 :]
+        start = filter_count + len(signals) + 1
+        history_count = sum(len(block.history_frames()) for block in self.blocks)
+        histories = states[start : start + history_count]
+        presence_states = states[start + history_count :]  # mic buffer, GRU, far energy, share: with a detector
+        heard = len(signals)
+        if self.presence is not None:
+            signals, buffers = [*signals, mic], [*buffers, presence_states[0]]
         frames = [torch.cat([buffer, signal], -1) for buffer, signal in zip(buffers, signals, strict=True)]
         spectra = (torch.stack(frames, 1) @ self.dft_forward).unsqueeze(2)  # [1, n, 1, 2F]: one MatMul
         new_histories: list[torch.Tensor] = []
@@ -193,10 +307,19 @@ class D3NetAEC(nn.Module):
                 position += count
             return x
 
-        near, _ = self._apply_masks(spectra[:, 0], self._masks(spectra, blocks))
+        masks, hidden = self._masks(spectra[:, :heard], blocks)
+        near, _ = self._apply_masks(spectra[:, 0], masks)
+        new_presence: list[torch.Tensor] = []
+        if self.presence is not None:
+            logits, gru_state = self.presence.logits(
+                self.presence_features(spectra[:, :heard], masks, near, hidden), presence_states[1])
+            shares, far_energy, share = self._double_talk_shares(logits, reference.unsqueeze(1), *presence_states[2:])
+            near = self._double_talk_mix(near, spectra[:, heard], shares)
+            new_presence = [frames[heard][:, cfg.hop :], gru_state, far_energy, share]
         summed = (near[:, 0] @ self.dft_inverse) + nn.functional.pad(output_buffer, (0, cfg.hop))
         out, new_output = torch.split(summed, [cfg.hop, cfg.window - cfg.hop], dim=-1)
-        return (out, *filter_states, *(f[:, cfg.hop :] for f in frames), new_output, *new_histories)
+        return (out, *filter_states, *(f[:, cfg.hop :] for f in frames[:heard]), new_output, *new_histories,
+                *new_presence)
 
 
 def _frames(signal: torch.Tensor, cfg: D3NetAECConfig) -> torch.Tensor:
