@@ -80,6 +80,7 @@ def train(args) -> None:
     head.std.copy_(x[:split].reshape(-1, x.shape[-1]).std(0) + 1e-3)
     optimizer = torch.optim.Adam(head.parameters(), lr=3e-3)
     loss_fn = nn.BCEWithLogitsLoss()
+    best = None
     for epoch in range(args.epochs):
         order = torch.randperm(split)
         for i in range(0, split, 16):
@@ -90,10 +91,15 @@ def train(args) -> None:
             optimizer.step()
         with torch.no_grad():
             logits = head.logits(x[split:])[0]
+            held_out = loss_fn(logits, y[split:]).item()
             accuracy = ((logits > 0).float() == y[split:]).float().mean()
-            print(f"epoch {epoch + 1}: train loss {loss.item():.3f}, held-out loss "
-                  f"{loss_fn(logits, y[split:]).item():.3f}, accuracy {accuracy:.3f}", flush=True)
-    torch.save({"head": head.state_dict(), "inputs": x.shape[-1], "hidden": args.hidden}, args.out / "head.pt")
+        print(f"epoch {epoch + 1}: train loss {loss.item():.3f}, held-out loss {held_out:.3f}, "
+              f"accuracy {accuracy:.3f}", flush=True)
+        if args.keep_best and (best is None or held_out < best):  # the epoch with the lowest held-out loss
+            best = held_out
+            torch.save({"head": head.state_dict(), "inputs": x.shape[-1], "hidden": args.hidden}, args.out / "head.pt")
+    if not args.keep_best:  # the last epoch (stage 4's detector was trained so)
+        torch.save({"head": head.state_dict(), "inputs": x.shape[-1], "hidden": args.hidden}, args.out / "head.pt")
 
 
 def detect(args) -> None:
@@ -137,6 +143,7 @@ def main() -> None:
     t.add_argument("--clips", type=int, default=300)
     t.add_argument("--epochs", type=int, default=30)
     t.add_argument("--hidden", type=int, default=32, help="GRU units")
+    t.add_argument("--keep-best", action="store_true", help="keep the epoch of lowest held-out loss, not the last")
     t.add_argument("--target", choices=["near-end", "double-talk"], default="near-end",
                    help="what the detector learns: the near end talks, or both ends do")
     d = commands.add_parser("detect")
