@@ -33,6 +33,7 @@ from quell.models.train import build_model
 from quell.streaming.engine import StreamingModel
 
 ONNX_TO_TORCH_GATES = [0, 2, 3, 1]  # ONNX blocks (i, o, f, c) in PyTorch's order (i, f, g, o)
+GRU_ONNX_TO_TORCH_GATES = [1, 0, 2]  # ONNX blocks (z, r, h) in PyTorch's order (r, z, n)
 TOLERANCE = 1e-5
 
 
@@ -46,9 +47,10 @@ def _initializers(graph: onnx.GraphProto) -> dict[str, np.ndarray]:
     return values
 
 
-def _gates(weight: np.ndarray) -> torch.Tensor:
-    blocks = np.split(weight, 4, axis=0)
-    return torch.from_numpy(np.concatenate([blocks[i] for i in ONNX_TO_TORCH_GATES], axis=0).copy())
+def _gates(weight: np.ndarray, order: list[int] = ONNX_TO_TORCH_GATES) -> torch.Tensor:
+    """An ONNX recurrent weight's gate blocks (first axis) in PyTorch's order."""
+    blocks = np.split(weight, len(order), axis=0)
+    return torch.from_numpy(np.concatenate([blocks[i] for i in order], axis=0).copy())
 
 
 def dtln_state_dict(graph_path: str | Path, model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -116,8 +118,7 @@ def _detector_state_dict(graph: onnx.GraphProto, values: dict[str, np.ndarray]) 
     hidden = r.shape[1]
 
     def gates(weight: np.ndarray) -> torch.Tensor:
-        z, reset, h = np.split(weight, 3, axis=0)
-        return torch.from_numpy(np.concatenate([reset, z, h], axis=0).copy())
+        return _gates(weight, GRU_ONNX_TO_TORCH_GATES)
 
     (out,) = [node for node in graph.node if node.op_type == "MatMul" and node.input[0].startswith("/gru/")]
     state = {f"presence.{name}": torch.from_numpy(values[f"model.presence.{name}"].copy())

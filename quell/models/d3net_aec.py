@@ -231,25 +231,28 @@ class D3NetAEC(nn.Module):
                      for s in (near, echo_free))
 
     def analyse(self, mic: torch.Tensor, reference: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Whole [B, samples] signals -> the spectra [B, T, 2F] of the mic, the near-end output and the mic
-        without echo, the spectra heard [B, n, T, 2F], the masks and the last decoder layer (as `_masks`)."""
+        """Whole [B, samples] signals -> the spectra [B, T, 2F] of the near-end output and the mic without echo
+        (and of the mic, with a detector), the spectra heard [B, n, T, 2F], the masks and the last decoder layer
+        (as `_masks`)."""
         cfg = self.config
         overlap = cfg.window - cfg.hop
         mic, reference = (nn.functional.pad(x, (0, (-mic.shape[-1]) % cfg.hop)) for x in (mic, reference))
         signals, _ = self._signals(mic, reference)
-        spectra = torch.stack([_frames(nn.functional.pad(x, (overlap, overlap)), cfg) for x in (*signals, mic)],
-                              1) @ self.dft_forward  # [B, n + 1, T, 2F]: the heard signals, then the mic
+        if self.presence is not None:  # the mic too, last, for the double-talk mix
+            signals = [*signals, mic]
+        spectra = torch.stack([_frames(nn.functional.pad(x, (overlap, overlap)), cfg) for x in signals], 1) \
+            @ self.dft_forward  # [B, n, T, 2F]
 
         def blocks(x: torch.Tensor) -> torch.Tensor:
             for block in self.blocks:
                 x = block(x)
             return x
 
-        heard = spectra[:, :-1]
-        masks, hidden = self._masks(heard, blocks)
-        near, echo_free = self._apply_masks(heard[:, 0], masks)
-        return {"mic": spectra[:, -1], "near": near, "echo_free": echo_free, "spectra": heard, "masks": masks,
-                "hidden": hidden}
+        analysis = {"spectra": spectra} if self.presence is None else {"spectra": spectra[:, :-1],
+                                                                       "mic": spectra[:, -1]}
+        analysis["masks"], analysis["hidden"] = self._masks(analysis["spectra"], blocks)
+        analysis["near"], analysis["echo_free"] = self._apply_masks(analysis["spectra"][:, 0], analysis["masks"])
+        return analysis
 
     # ---- streaming: one hop with explicit states ----------------------------------------------------------------
     def state_shapes(self) -> dict[str, tuple[int, ...]]:
@@ -307,12 +310,13 @@ class D3NetAEC(nn.Module):
                 position += count
             return x
 
-        masks, hidden = self._masks(spectra[:, :heard], blocks)
+        heard_spectra = spectra if self.presence is None else spectra[:, :heard]  # the mic's is for the mix only
+        masks, hidden = self._masks(heard_spectra, blocks)
         near, _ = self._apply_masks(spectra[:, 0], masks)
         new_presence: list[torch.Tensor] = []
         if self.presence is not None:
             logits, gru_state = self.presence.logits(
-                self.presence_features(spectra[:, :heard], masks, near, hidden), presence_states[1])
+                self.presence_features(heard_spectra, masks, near, hidden), presence_states[1])
             shares, far_energy, share = self._double_talk_shares(logits, reference.unsqueeze(1), *presence_states[2:])
             near = self._double_talk_mix(near, spectra[:, heard], shares)
             new_presence = [frames[heard][:, cfg.hop :], gru_state, far_energy, share]
