@@ -67,10 +67,10 @@ MIX_RELEASE = 0.9  # per-hop decay of the mic's share once double talk ends (a m
 
 
 class DoubleTalkDetector(nn.Module):
-    """Per-hop probability that both ends talk, from what the canceller computed: a causal GRU.
+    """Per hop, whether the near end talks (as logits), from what the canceller computed: a causal GRU.
 
     It is trained on its own, behind the frozen canceller (recipes/d3net_aec/dt_head.py); its features are
-    standardized by the training set's mean and spread (buffers).
+    standardized by the training set's mean and spread (buffers). The canceller adds the far end's activity.
     """
 
     def __init__(self, inputs: int, hidden: int):
@@ -80,7 +80,8 @@ class DoubleTalkDetector(nn.Module):
         self.gru = nn.GRU(inputs, hidden, batch_first=True)
         self.out = nn.Linear(hidden, 1)
 
-    def logits(self, features: torch.Tensor, state: torch.Tensor | None = None):
+    def logits(self, features: torch.Tensor, state: torch.Tensor | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor]:
         """Features [B, T, inputs] -> (logits [B, T], new GRU state [1, B, hidden])."""
         y, state = self.gru((features - self.mean) / self.std, state)
         return self.out(y).squeeze(-1), state
@@ -214,7 +215,8 @@ class D3NetAEC(nn.Module):
     def forward(self, mic: torch.Tensor, reference: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """[B, samples] mic and reference -> (near-end speech, mic without echo), time-aligned, same length.
 
-        With a double-talk detector the near-end output has the mic mixed in where it says both ends talk."""
+        With a double-talk detector the near-end output has the mic mixed in where the detector hears the near end
+        while the far end plays."""
         cfg = self.config
         length, overlap = mic.shape[-1], cfg.window - cfg.hop
         analysis = self.analyse(mic, reference)
