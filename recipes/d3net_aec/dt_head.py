@@ -22,12 +22,12 @@ exported graph then mixes the mic in by itself (`quell/models/d3net_aec.py`).
 from __future__ import annotations
 
 import argparse
-import csv
 from pathlib import Path
 
 import numpy as np
 import soundfile as sf
 import torch
+from echo_set import aligned_far_end, clips  # beside this script
 from torch import nn
 
 from quell.export.exporter import load_checkpoint
@@ -109,14 +109,9 @@ def detect(args) -> None:
     head.load_state_dict(saved["head"])
     args.probabilities.mkdir(parents=True, exist_ok=True)
     lead = round(args.lead * model.config.sample_rate)
-    with open(args.echo_set / "metadata.csv") as f:
-        rows = list(csv.DictReader(f))
-    for row in rows:
-        mic, rate = sf.read(args.echo_set / "mic" / row["file"], dtype="float32")
-        far, _ = sf.read(args.echo_set / "far_end" / row["file"], dtype="float32")
-        delay = max(round(float(row["delay"]) * rate) - lead, 0)
-        reference = np.concatenate([np.zeros(delay, np.float32), far])[: len(mic)]
-        reference = np.pad(reference, (0, len(mic) - len(reference)))
+    for row in clips(args.echo_set).values():
+        mic, _ = sf.read(args.echo_set / "mic" / row["file"], dtype="float32")
+        reference = aligned_far_end(args.echo_set, row, len(mic), lead)
         x = features(model, torch.from_numpy(mic[None]), torch.from_numpy(reference[None]))
         with torch.no_grad():
             probabilities = torch.sigmoid(head.logits(x)[0])[0].numpy()

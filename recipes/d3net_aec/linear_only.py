@@ -10,12 +10,12 @@ What the network gets to work on, scored as if it were the output (README.md her
 from __future__ import annotations
 
 import argparse
-import csv
 from pathlib import Path
 
 import numpy as np
 import soundfile as sf
 import torch
+from echo_set import aligned_far_end, clips  # beside this script
 
 from quell.models.adaptive import AdaptiveEchoFilter
 
@@ -29,13 +29,10 @@ def main() -> None:
     args = parser.parse_args()
     args.output.mkdir(parents=True, exist_ok=True)
     hop = 160
-    with open(args.echo_set / "metadata.csv") as f:
-        rows = list(csv.DictReader(f))
-    for row in rows:
+    for row in clips(args.echo_set).values():
         mic, rate = sf.read(args.echo_set / "mic" / row["file"], dtype="float32")
-        far, _ = sf.read(args.echo_set / "far_end" / row["file"], dtype="float32")
-        delay, n = int(round(float(row["delay"]) * rate)), mic.size // hop * hop
-        reference = np.concatenate([np.zeros(delay, np.float32), far])[:n]
+        n = mic.size // hop * hop
+        reference = aligned_far_end(args.echo_set, row, n)
         echo_filter = AdaptiveEchoFilter(hop, args.partitions, args.step, variable_step=True, sample_rate=rate)
         with torch.no_grad():
             residual, _ = echo_filter(torch.from_numpy(mic[None, :n]), torch.from_numpy(reference[None]))

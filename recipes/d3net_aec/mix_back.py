@@ -21,11 +21,11 @@ rating move when the output leaks the mic (echo included) where both ends talk? 
 from __future__ import annotations
 
 import argparse
-import csv
 from pathlib import Path
 
 import numpy as np
 import soundfile as sf
+from echo_set import aligned_far_end, clips, fit  # beside this script
 
 HOP = 160  # 10 ms at 16 kHz
 GATES = ["always", "far-end", "ratio", "oracle", "detector", "probabilities"]
@@ -61,9 +61,6 @@ def _detector(energy: dict[str, np.ndarray], far_plays: np.ndarray, threshold_db
     return gate
 
 
-def _fit(signal: np.ndarray, n: int) -> np.ndarray:
-    return np.pad(signal, (0, max(0, n - len(signal))))[:n]
-
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -84,28 +81,25 @@ def main() -> None:
     parser.add_argument("--smoothing", type=float, default=0.7, help="one-pole smoothing of the hop energies")
     args = parser.parse_args()
     args.mixed.mkdir(parents=True, exist_ok=True)
-    with open(args.echo_set / "metadata.csv") as f:
-        rows = {row["file"]: row for row in csv.DictReader(f)}
+    rows = clips(args.echo_set)
     open_share: dict[str, list[float]] = {}
     for path in sorted(args.outputs.glob("*.wav")):
         output, rate = sf.read(path, dtype="float64")
         n, hops = len(output), len(output) // HOP
-        mic = _fit(sf.read(args.echo_set / "mic" / path.name, dtype="float64")[0], n)
-        far = sf.read(args.echo_set / "far_end" / path.name, dtype="float64")[0]
-        delay = round(float(rows[path.name]["delay"]) * rate)
-        far = _fit(np.concatenate([np.zeros(delay), far]), n)
+        mic = fit(sf.read(args.echo_set / "mic" / path.name, dtype="float64")[0], n)
+        far = aligned_far_end(args.echo_set, rows[path.name], n, dtype="float64")
         energy = {name: _hop_energies(signal, hops, args.smoothing) for name, signal in
                   (("output", output), ("mic", mic), ("far", far))}
         gate = np.ones(hops, bool) if args.gate == "always" else energy["far"] > 10 ** (args.far_floor / 10)
         if args.gate == "ratio":
             gate &= energy["output"] > 10 ** (args.threshold / 10) * energy["mic"]
         elif args.gate == "oracle":
-            clean = _fit(sf.read(args.echo_set / "clean" / path.name, dtype="float64")[0], n)
+            clean = fit(sf.read(args.echo_set / "clean" / path.name, dtype="float64")[0], n)
             gate &= _hop_energies(clean, hops, args.smoothing) > 10 ** (args.threshold / 10)
         if args.gate == "detector":
             gate = _detector(energy, gate, args.threshold)
         elif args.gate == "probabilities":
-            probabilities = _fit(np.load(args.probabilities / (path.stem + ".npy")), hops)
+            probabilities = fit(np.load(args.probabilities / (path.stem + ".npy")), hops)
             if args.soft:  # the share follows the probability instead of a threshold
                 share = np.where(gate, probabilities, 0.0)
             gate &= probabilities > args.threshold
