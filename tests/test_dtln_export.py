@@ -9,6 +9,7 @@ torch = pytest.importorskip("torch")
 
 from quell.export.exporter import check_parity, export_model  # noqa: E402
 from quell.models.dtln import DTLN, DTLNConfig  # noqa: E402
+from quell.models.layers import band_spread_matrix  # noqa: E402
 from quell.streaming.card import ModelCard  # noqa: E402
 from quell.streaming.engine import StreamingModel  # noqa: E402
 
@@ -24,9 +25,10 @@ def test_published_size_is_about_one_million_parameters():
 
 
 @pytest.mark.parametrize("dft", ["fft", "matmul"])
-def test_torch_streaming_equals_offline(dft):
+@pytest.mark.parametrize("bands", [0, 8])
+def test_torch_streaming_equals_offline(dft, bands):
     torch.manual_seed(0)
-    model = DTLN(DTLNConfig(hidden=32, encoder=64)).eval()
+    model = DTLN(DTLNConfig(hidden=32, encoder=64, mask_bands=bands)).eval()
     model.dft = dft
     x = torch.from_numpy(_noisy(128 * 40))[None]
     with torch.no_grad():
@@ -56,6 +58,39 @@ def test_onnx_step_and_sequence_graphs_equal_pytorch(tmp_path):
     sequence = np.concatenate([engine.process(x[: 128 * 20]), engine.process(x[128 * 20 :])])  # carried states
     assert np.abs(step[384:] - offline[:-384]).max() <= 1e-4
     assert np.abs(sequence - step).max() <= 1e-5
+
+
+def test_band_gains_spread_over_the_bins_as_weights_summing_to_one():
+    spread = band_spread_matrix(257, 32, 16000)
+    assert spread.shape == (32, 257)
+    torch.testing.assert_close(spread.sum(0), torch.ones(257, dtype=torch.float64))
+    assert (spread >= 0).all() and (spread.sum(1) > 0).all()  # every band reaches some bin
+    peaks = spread.argmax(1)
+    assert (peaks[1:] >= peaks[:-1]).all() and peaks[0] == 0 and peaks[-1] == 256
+    widths = (spread > 0).sum(1)
+    assert widths[-1] > 4 * widths[1]  # ERB spacing: high bands span many more bins than low ones
+    with pytest.raises(ValueError, match="bands"):
+        band_spread_matrix(257, 1, 16000)
+
+
+def test_band_gain_model_exports_with_parity_and_starts_from_a_per_bin_one(tmp_path):
+    torch.manual_seed(2)
+    per_bin = DTLN(DTLNConfig(hidden=32, encoder=64)).eval()
+    with torch.no_grad():  # a mask layer whose logit is the same in every bin: the bands can say it exactly
+        per_bin.mask1.weight.copy_(torch.randn(1, 32).expand(per_bin.config.bins, 32))
+        per_bin.mask1.bias.fill_(0.3)
+    banded = DTLN(DTLNConfig(hidden=32, encoder=64, mask_bands=8)).eval()
+    banded.load_state_dict(banded.adapt_state_dict(per_bin.state_dict()))
+    x = torch.from_numpy(_noisy(128 * 30))[None]
+    with torch.no_grad():
+        torch.testing.assert_close(banded(x), per_bin(x), atol=1e-6, rtol=0)
+    own = banded.state_dict()
+    assert banded.adapt_state_dict(own) is own  # weights of a band-gain model are taken as they are
+
+    with torch.no_grad():
+        banded.mask1.weight.normal_()
+    card = export_model(banded, tmp_path / "bands.onnx")
+    assert check_parity(banded, card.path, tolerance=1e-4) <= 1e-4
 
 
 def test_card_describes_the_graphs(tiny_dtln_card):

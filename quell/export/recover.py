@@ -71,12 +71,14 @@ def dtln_state_dict(graph_path: str | Path, model: torch.nn.Module) -> dict[str,
         state[f"{name}.bias_hh_l0"] = _gates(b[4 * hidden :])
 
     # the linear layers are MatMuls by their transposed weights, named after the module; the encoder is the
-    # one left, a product with the inverse DFT matrix ((inverse @ encoder.T) is computed in the graph)
+    # one left of its shape, a product with the inverse DFT matrix ((inverse @ encoder.T) is computed in the
+    # graph); a band-gain model has one more constant product, the band spread
     weights = {node.output[0].split("/")[1]: values[node.input[1]].T.copy()
                for node in graph.node if node.op_type == "MatMul" and node.input[1] in values}
     for name in ("mask1", "mask2", "decoder"):
         state[f"{name}.weight"] = torch.from_numpy(weights.pop(name))
-    (encoder,) = weights.values()
+    cfg = model.config
+    (encoder,) = (w for w in weights.values() if w.shape == (cfg.encoder, cfg.window))
     state["encoder.weight"] = torch.from_numpy(encoder)
     return state
 

@@ -2,7 +2,8 @@
 
 Stage 1 predicts a magnitude mask on the STFT of a 512-sample frame (the "norm" variant: the log magnitude is
 normalised by an instant layer norm); stage 2 encodes the resulting time frame with a learned basis, predicts
-a mask on it, decodes and overlap-adds. Frames have no analysis window, as in the original.
+a mask on it, decodes and overlap-adds. Frames have no analysis window, as in the original. With `mask_bands`
+stage 1 predicts one gain per ERB band instead of one per bin, spread over the bins by fixed triangles.
 
 The same module runs in two ways:
 - `forward(noisy)` for training: whole signals, time-aligned output, torch.fft for the DFT;
@@ -18,7 +19,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-from quell.models.layers import real_dft_matrices
+from quell.models.layers import band_spread_matrix, real_dft_matrices
 
 
 @dataclass
@@ -33,6 +34,7 @@ class DTLNConfig:
     encoder: int = 256
     dropout: float = 0.25
     eps: float = 1e-7
+    mask_bands: int = 0  # stage 1's gains: 0, one per bin (published); N, one per ERB band, spread over the bins
 
     @property
     def bins(self) -> int:
@@ -75,7 +77,7 @@ class DTLN(nn.Module):
         cfg = self.config = config or DTLNConfig()
         self.stft_norm = nn.LayerNorm(cfg.bins, eps=cfg.eps)
         self.lstm1 = LSTMStack(cfg.bins, cfg.hidden, cfg.layers, cfg.dropout)
-        self.mask1 = nn.Linear(cfg.hidden, cfg.bins)
+        self.mask1 = nn.Linear(cfg.hidden, cfg.mask_bands or cfg.bins)
         self.encoder = nn.Linear(cfg.window, cfg.encoder, bias=False)
         self.encoder_norm = nn.LayerNorm(cfg.encoder, eps=cfg.eps)
         self.lstm2 = LSTMStack(cfg.encoder, cfg.hidden, cfg.layers, cfg.dropout)
@@ -83,12 +85,25 @@ class DTLN(nn.Module):
         self.decoder = nn.Linear(cfg.encoder, cfg.window, bias=False)
         self.dft = "fft"
         self._make_dft_basis()
+        if cfg.mask_bands:
+            spread = band_spread_matrix(cfg.bins, cfg.mask_bands, cfg.sample_rate)
+            self.register_buffer("band_spread", spread.float(), persistent=False)
 
     def _make_dft_basis(self) -> None:
         """Real DFT and its inverse as matrices: frame @ forward = [re | im]; [re | im] @ inverse = frame."""
         forward, inverse = real_dft_matrices(self.config.window)
         self.register_buffer("dft_forward", forward.float(), persistent=False)
         self.register_buffer("dft_inverse", inverse.float(), persistent=False)
+
+    def adapt_state_dict(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Weights of a per-bin DTLN made fit for this band-gain one (or `state` as it is): each band's mask
+        logit starts as the average of its bins' logits, weighted by the band's triangle."""
+        cfg = self.config
+        weight, bias = state["mask1.weight"], state["mask1.bias"]
+        if not cfg.mask_bands or weight.shape[0] != cfg.bins:
+            return state
+        average = self.band_spread / self.band_spread.sum(1, keepdim=True)
+        return {**state, "mask1.weight": average @ weight, "mask1.bias": average @ bias}
 
     # ---- the core: frames in, frames out ------------------------------------------------------------------
     def _enhance_frames(
@@ -105,7 +120,10 @@ class DTLN(nn.Module):
             spec = (frames @ self.dft_forward).reshape(frames.shape[0], -1, 2, cfg.bins)
         magnitude = torch.sqrt((spec * spec).sum(-2) + cfg.eps * cfg.eps)
         x, new1 = self.lstm1(self.stft_norm(torch.log(magnitude + cfg.eps)), s1)
-        masked = spec * torch.sigmoid(self.mask1(x)).unsqueeze(-2)
+        gains = torch.sigmoid(self.mask1(x))
+        if cfg.mask_bands:
+            gains = gains @ self.band_spread
+        masked = spec * gains.unsqueeze(-2)
         if self.dft == "fft":
             encoded = self.encoder(torch.fft.irfft(torch.complex(masked[..., 0, :], masked[..., 1, :]),
                                                    n=cfg.window, dim=-1))

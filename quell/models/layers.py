@@ -132,6 +132,25 @@ def real_dft_matrices(n: int) -> tuple[torch.Tensor, torch.Tensor]:
     return forward, inverse
 
 
+def band_spread_matrix(bins: int, bands: int, sample_rate: int) -> torch.Tensor:
+    """[bands, bins]: spreads one gain per band over the DFT bins, as RNNoise's and DeepFilterNet's band gains.
+
+    Band centres lie evenly on the ERB-rate scale from 0 Hz to Nyquist; a bin between two centres takes the two
+    bands' gains in linear proportion (triangles), so every column sums to one and gains in [0, 1] stay there.
+    """
+    if not 2 <= bands <= bins:
+        raise ValueError(f"band gains need 2 to {bins} bands, got {bands}")
+    nyquist = sample_rate / 2
+
+    def erb_rate(hz: torch.Tensor) -> torch.Tensor:
+        return 21.4 * torch.log10(1 + 0.00437 * hz)
+
+    position = erb_rate(torch.linspace(0.0, nyquist, bins, dtype=torch.float64))
+    centres = torch.linspace(0.0, float(position[-1]), bands, dtype=torch.float64)
+    spacing = centres[1] - centres[0]
+    return (1 - (position[None, :] - centres[:, None]).abs() / spacing).clamp_min(0.0)
+
+
 def upsample_frequency(x: torch.Tensor, bins: int) -> torch.Tensor:
     """[B, C, T, F] -> [B, C, T, bins]: every bin twice (nearest neighbour), cut to `bins` (at most 2F).
 

@@ -306,7 +306,8 @@ def train(recipe_path: str | Path, out_dir: str | Path, max_minutes: float | Non
                 optimizer, mode="max", factor=cfg.lr_factor, patience=cfg.lr_patience)
     elif init is not None:
         source = torch.load(init, map_location=device, weights_only=False)
-        model.load_state_dict(source["model"])
+        adapt = getattr(model, "adapt_state_dict", None)  # a model may take weights of a related shape
+        model.load_state_dict(adapt(source["model"]) if adapt else source["model"])
         # provenance, carried into the model card: what the weights had been through before this run
         state["init"] = {"checkpoint": str(init), "steps": source["state"]["step"], "recipe": source.get("recipe"),
                          "init": source["state"].get("init")}
