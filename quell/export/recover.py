@@ -4,7 +4,8 @@ Every weight of a quell model is an initializer of its exported graph, in a layo
 
 - DTLN (read from the sequence graph): the LSTMs as ONNX LSTM weights, gates in i, o, f, c order (PyTorch's
   are i, f, g, o), input and recurrent biases concatenated; the linear layers as MatMuls by their transposed
-  weights, named after the module; the encoder as the one MatMul left.
+  weights, named after the module; the encoder as the one MatMul left of its shape (a band-gain model has
+  one more constant MatMul, the band spread, which its config rebuilds).
 - D3Net AEC (read from the step graph): every pseudo-complex convolution is one Conv node whose weight is the
   block matrix [[W_r, -W_i], [W_i, W_r]]; the nodes come in the order of the modules (the order the model
   runs them), each with its bias; a double-talk detector as one ONNX GRU (gates z, r, h) and a MatMul.
