@@ -80,10 +80,23 @@ def models() -> None:
 @click.option("--name", default=None, help="Model name in the card (default: the file name).")
 @click.option("--int8", is_flag=True,
               help="8-bit weights (MatMul in blocks of 32, LSTM per tensor): faster per hop; parity checked by SNR.")
-def export(checkpoint, output, name, int8) -> None:
+@click.option("--release-layout", is_flag=True,
+              help="Write a DTLN as the authors' ONNX release lays it out (model_1.onnx, model_2.onnx) into the "
+                   "folder -o instead: to time with `quell bench --against FOLDER`.")
+def export(checkpoint, output, name, int8, release_layout) -> None:
     """Export a training checkpoint to ONNX step + sequence graphs and a model card (parity-checked)."""
-    from quell.export.exporter import export_checkpoint
+    from quell.export.exporter import export_checkpoint, load_checkpoint
 
+    if release_layout:
+        from quell.export.release import export_release_graphs
+
+        if int8:
+            raise ValueError("--release-layout writes the float32 graphs the release has; drop --int8")
+        if Path(output).exists() and not Path(output).is_dir():
+            raise ValueError(f"{output} is a file: --release-layout writes a folder")
+        paths = export_release_graphs(load_checkpoint(checkpoint)[0], output)
+        click.echo("wrote " + ", ".join(str(p) for p in paths))
+        return
     card = export_checkpoint(checkpoint, output, name, int8=int8)
     click.echo(f"wrote {Path(output)}, {card.sequence_graph} and {Path(output).with_suffix('.json').name}")
     if int8:
@@ -255,7 +268,9 @@ def evaluate(noisy, clean, far_end, enhanced, model, baselines, out, limit, jobs
 @click.option("--seconds", default=60.0, show_default=True, help="Length of the generated test signal.")
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
 @click.option("--against", multiple=True,
-              help="Compare the step cost with this model (repeatable): interleaved rounds of --hops / 10 hops.")
+              help="Compare the step cost with this model (repeatable): interleaved rounds of --hops / 10 hops. "
+                   "A folder with model_1.onnx and model_2.onnx is a DTLN in its authors' release layout, run as "
+                   "their runtime runs it.")
 @click.option("--rounds", default=16, show_default=True, type=click.IntRange(1), help="Rounds of --against.")
 def bench(model, hops, seconds, as_json, against, rounds) -> None:
     """Time the model: per-hop cost, real-time factors, load time, peak memory (one thread)."""
