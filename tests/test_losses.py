@@ -37,6 +37,22 @@ def test_the_residual_loss_prefers_suppressed_noise_to_left_noise_where_the_snr_
     assert gap_residual > gap_plain + 1.0
 
 
+def test_the_low_band_loss_charges_noise_below_1khz_and_not_above():
+    clean = _speech_like()
+    t = torch.arange(clean.shape[-1]) / RATE
+    low, high = (0.005 * torch.sin(2 * torch.pi * hz * t)[None] for hz in (310.0, 4100.0))
+    plain = LOSSES["snr_spectral"]
+    for excess_only in (False, True):
+        loss = loss_with_args("snr_spectral_low", {"low_excess_only": excess_only})
+        extra = {name: loss((clean + tone,), (clean,)) - plain((clean + tone,), (clean,))
+                 for name, tone in (("low", low), ("high", high))}
+        assert extra["low"] > 1.0  # the term sees a hum under the speech ...
+        assert abs(extra["high"]) < 1e-3 * extra["low"]  # ... and nothing of the same tone at 4.1 kHz
+    lost = (0.5 * clean,)  # speech taken out is excess of nothing: only the two-sided term charges it
+    assert LOSSES["snr_spectral_low"](lost, (clean,)) - plain(lost, (clean,)) > 0.1
+    assert loss_with_args("snr_spectral_low", {"low_excess_only": True})(lost, (clean,)) == plain(lost, (clean,))
+
+
 def test_the_echo_preserving_loss_charges_a_removed_near_end_more_than_the_echo_loss():
     near = _speech_like(seed=1)
     echo = 0.3 * _speech_like(seed=2).roll(3000, -1)

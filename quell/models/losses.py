@@ -33,20 +33,24 @@ def negative_si_sdr(estimate: torch.Tensor, target: torch.Tensor) -> torch.Tenso
     return -si_sdr_db(estimate, target).mean()
 
 
-def _spectra(signals: tuple[torch.Tensor, ...], n_fft: int, hop: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """Hann-window STFTs of the signals and their magnitudes (floored, so that they can divide)."""
+def _spectra(
+    signals: tuple[torch.Tensor, ...], n_fft: int, hop: int, bins: int | None = None
+) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Hann-window STFTs of the signals (their first `bins` bins, all without) and their magnitudes (floored, so
+    that they can divide)."""
     window = torch.hann_window(n_fft, device=signals[0].device)
-    spectra = [torch.stft(x, n_fft, hop, window=window, return_complex=True) for x in signals]
+    spectra = [torch.stft(x, n_fft, hop, window=window, return_complex=True)[..., :bins, :] for x in signals]
     return spectra, [s.abs().clamp_min(1e-8) for s in spectra]
 
 
 def compressed_spectral(estimate: torch.Tensor, target: torch.Tensor, power: float = 0.3, n_fft: int = 512,
-                        hop: int = 128, magnitude_weight: float = 0.7) -> torch.Tensor:
-    """Distance of power-law compressed spectra (magnitude and complex), as AEC-challenge systems train.
+                        hop: int = 128, magnitude_weight: float = 0.7, bins: int | None = None) -> torch.Tensor:
+    """Distance of power-law compressed spectra (magnitude and complex), as AEC-challenge systems train;
+    `bins`: over the lowest `bins` DFT bins only.
 
     Unlike an SNR it is defined when the target is silent (far-end single talk: every echo left counts).
     """
-    spectra, magnitudes = _spectra((estimate, target), n_fft, hop)
+    spectra, magnitudes = _spectra((estimate, target), n_fft, hop, bins)
     compressed = [m**power for m in magnitudes]
     phases = [s / m for s, m in zip(spectra, magnitudes, strict=True)]
     magnitude_term = (compressed[0] - compressed[1]).pow(2).mean()
@@ -65,14 +69,15 @@ def snr_and_spectral(estimate: torch.Tensor, target: torch.Tensor, spectral_weig
 
 
 def compressed_excess(estimate: torch.Tensor, target: torch.Tensor, power: float = 0.3, n_fft: int = 512,
-                      hop: int = 128) -> torch.Tensor:
-    """How far the compressed magnitude spectrum of `estimate` rises above the target's, squared and averaged.
+                      hop: int = 128, bins: int | None = None) -> torch.Tensor:
+    """How far the compressed magnitude spectrum of `estimate` rises above the target's, squared and averaged
+    (`bins`: over the lowest `bins` DFT bins only).
 
     One-sided: with (output, clean) it charges only what the clean signal lacks (residual noise or echo,
     musical tones); with (clean, output) only what the output lost of it (suppressed speech). Next to a
     symmetric term it makes one kind of error dearer than the other.
     """
-    _, (estimate_mag, target_mag) = _spectra((estimate, target), n_fft, hop)
+    _, (estimate_mag, target_mag) = _spectra((estimate, target), n_fft, hop, bins)
     return torch.relu(estimate_mag**power - target_mag**power).pow(2).mean()
 
 
@@ -81,6 +86,18 @@ def snr_spectral_residual(estimate: torch.Tensor, target: torch.Tensor, spectral
     """`snr_and_spectral` plus a weighted `compressed_excess` of the output over the target: it trades a little
     detail for quiet pauses (DNSMOS BAK); DTLN's third stage trains with it."""
     return snr_and_spectral(estimate, target, spectral_weight) + residual_weight * compressed_excess(estimate, target)
+
+
+def snr_spectral_low(estimate: torch.Tensor, target: torch.Tensor, spectral_weight: float = 100.0,
+                     low_weight: float = 1000.0, low_bins: int = 33, low_excess_only: bool = False) -> torch.Tensor:
+    """`snr_and_spectral` plus a weighted compressed distance over the lowest `low_bins` bins (33 of a 512-point
+    DFT: up to 1 kHz at 16 kHz), or only the output's excess there (`low_excess_only`). Below 1 kHz is where
+    DTLN's output loses most of its DNSMOS to RNNoise's (recipes/dtln/README.md)."""
+    if low_excess_only:
+        low = compressed_excess(estimate, target, bins=low_bins)
+    else:
+        low = compressed_spectral(estimate, target, bins=low_bins)
+    return snr_and_spectral(estimate, target, spectral_weight) + low_weight * low
 
 
 def _first(loss):
@@ -108,7 +125,8 @@ def echo_preserving_loss(outputs, targets, speech_loss_weight: float = 2.0) -> t
 # losses of (outputs, targets), tuples of [batch, samples] tensors
 LOSSES = {"neg_snr": _first(negative_snr), "neg_si_sdr": _first(negative_si_sdr),
           "snr_spectral": _first(snr_and_spectral),
-          "snr_spectral_residual": _first(snr_spectral_residual), "echo": echo_loss,
+          "snr_spectral_residual": _first(snr_spectral_residual), "snr_spectral_low": _first(snr_spectral_low),
+          "echo": echo_loss,
           "echo_preserving": echo_preserving_loss}
 
 

@@ -1,0 +1,178 @@
+"""Probes of where DTLN's DNSMOS gap to RNNoise sits: writes folders of audio for `quell eval --enhanced`.
+
+    python recipes/dtln/dnsmos_probe.py peer rnnoise --noisy runs/valid_set/noisy -o runs/probe/rnnoise
+    python recipes/dtln/dnsmos_probe.py oracle psm --noisy runs/valid_set/noisy --clean runs/valid_set/clean \
+        -o runs/probe/oracle_psm
+    python recipes/dtln/dnsmos_probe.py swap --base runs/probe/dtln --donor runs/probe/rnnoise --band 0 1000 \
+        -o runs/probe/dtln_rnnoise_below1k
+    quell eval --noisy runs/valid_set/noisy --clean runs/valid_set/clean --enhanced runs/probe/oracle_psm \
+        --baselines '' --limit 100 --jobs 2 --out runs/eval_probe_oracle_psm
+
+`oracle` applies a mask computed from the clean target itself (what no model knows) in DTLN's own STFT
+(512-point, hop 128, square-root Hann, the noisy phase): the best a magnitude mask of that form can do.
+`swap` puts one system's magnitude into another's output in a frequency band (the base's phase), to see how much
+of a score difference that band holds. `peer` writes a peer's outputs (quell.dns.baselines), aligned.
+`levels` prints, per frequency band, each system's output level against the clean target's in the frames where
+the target talks, and in those where it is silent (against the talking frames' level there).
+
+    python recipes/dtln/dnsmos_probe.py levels --clean runs/valid_set/clean --limit 100 \
+        runs/probe/dtln runs/probe/rnnoise
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import soundfile as sf
+from scipy.signal import istft, stft
+
+from quell.models.layers import band_spread_matrix
+
+WINDOW, HOP = 512, 128
+_STFT_WINDOW = np.sqrt(np.hanning(WINDOW + 1)[:WINDOW])  # periodic: sums to a constant at hop 128
+
+
+def _stft(x: np.ndarray, rate: int) -> np.ndarray:
+    return stft(x, rate, window=_STFT_WINDOW, nperseg=WINDOW, noverlap=WINDOW - HOP)[2]
+
+
+def _istft(spectrum: np.ndarray, rate: int, length: int) -> np.ndarray:
+    return istft(spectrum, rate, window=_STFT_WINDOW, nperseg=WINDOW, noverlap=WINDOW - HOP)[1][:length]
+
+
+def _ratio(clean: np.ndarray, noisy: np.ndarray) -> np.ndarray:
+    return np.minimum(np.abs(clean) / (np.abs(noisy) + 1e-9), 1.0)
+
+
+def _band32(clean: np.ndarray, noisy: np.ndarray) -> np.ndarray:
+    spread = band_spread_matrix(noisy.shape[0], 32, 16000).numpy()
+    gains = np.sqrt((spread @ np.abs(clean) ** 2) / (spread @ np.abs(noisy) ** 2 + 1e-12))
+    return spread.T @ np.minimum(gains, 1.0)
+
+
+# oracle masks of the clean target C and the noisy mixture Y (spectra [bins, frames]), values in [0, 1]
+ORACLE_MASKS: dict[str, Callable[[np.ndarray, np.ndarray], np.ndarray]] = {
+    "ratio": _ratio,  # |C| / |Y|, at most 1
+    "ratio_squared": lambda c, y: _ratio(c, y) ** 2,  # suppresses more where the noise is comparable
+    "band32": _band32,  # |C| / |Y| by energy in 32 ERB bands (RNNoise's form), spread back over the bins
+    "psm": lambda c, y: np.clip(np.real(c * np.conj(y)) / (np.abs(y) ** 2 + 1e-12), 0.0, 1.0),  # phase-sensitive
+    "wiener": lambda c, y: np.abs(c) ** 2 / (np.abs(c) ** 2 + np.abs(y - c) ** 2 + 1e-12),
+}
+
+
+def _clips(folder: Path, limit: int | None) -> list[Path]:
+    clips = sorted(folder.glob("*.wav"))[:limit]
+    if not clips:
+        raise SystemExit(f"no .wav files in {folder}")
+    return clips
+
+
+def oracle(mask: str, noisy: Path, clean: Path, out: Path, limit: int | None) -> None:
+    """Write the noisy clips with the oracle `mask` applied."""
+    out.mkdir(parents=True, exist_ok=True)
+    for path in _clips(noisy, limit):
+        y, rate = sf.read(path, dtype="float32")
+        c, _ = sf.read(clean / path.name, dtype="float32")
+        noisy_spec, clean_spec = _stft(y, rate), _stft(c, rate)
+        masked = noisy_spec * ORACLE_MASKS[mask](clean_spec, noisy_spec)
+        sf.write(out / path.name, _istft(masked, rate, y.size).astype(np.float32), rate)
+
+
+def swap(base: Path, donor: Path, band: tuple[float, float], out: Path, limit: int | None) -> None:
+    """Write `base`'s clips with `donor`'s magnitude in `band` (Hz; the base's phase kept)."""
+    out.mkdir(parents=True, exist_ok=True)
+    for path in _clips(base, limit):
+        a, rate = sf.read(path, dtype="float32")
+        b, _ = sf.read(donor / path.name, dtype="float32")
+        n = min(a.size, b.size)
+        spec_a, spec_b = _stft(a[:n], rate), _stft(b[:n], rate)
+        hz = np.fft.rfftfreq(WINDOW, 1 / rate)
+        rows = (hz >= band[0]) & (hz < band[1])
+        spec_a[rows] = np.abs(spec_b[rows]) * np.exp(1j * np.angle(spec_a[rows]))
+        sf.write(out / path.name, _istft(spec_a, rate, n).astype(np.float32), rate)
+
+
+def peer(name: str, noisy: Path, out: Path, limit: int | None) -> None:
+    """Write a peer's enhanced clips (quell.dns.baselines, as `quell eval --baselines` runs them)."""
+    from quell.dns.baselines import BASELINES
+
+    system = BASELINES[name]()
+    out.mkdir(parents=True, exist_ok=True)
+    for path in _clips(noisy, limit):
+        y, rate = sf.read(path, dtype="float32")
+        sf.write(out / path.name, system.enhance(y, rate).audio, rate)
+
+
+LEVEL_BANDS_HZ = (0, 250, 500, 1000, 2000, 3000, 4000, 5000, 6000, 7000, 8001)
+
+
+def levels(clean: Path, systems: list[Path], limit: int | None) -> None:
+    """Print each system's output level against the target's, per band, in talking and in silent frames.
+
+    Talking frames: the target's energy within 25 dB of its loudest frame in the clip; silent: 50 dB or more
+    below it. Energies are summed over all clips before the ratio (loud clips weigh more).
+    """
+    hz = np.fft.rfftfreq(WINDOW, 1 / 16000)
+    rows = [(hz >= lo) & (hz < hi) for lo, hi in zip(LEVEL_BANDS_HZ[:-1], LEVEL_BANDS_HZ[1:], strict=True)]
+    window = np.hanning(WINDOW)
+
+    def power(x: np.ndarray) -> np.ndarray:
+        frames = np.lib.stride_tricks.sliding_window_view(x, WINDOW)[:: WINDOW // 2] * window
+        return np.abs(np.fft.rfft(frames, axis=-1)) ** 2
+
+    sums = {system: np.zeros((3, len(rows))) for system in systems}  # talking out, talking clean, silent out
+    for path in _clips(clean, limit):
+        c, _ = sf.read(path, dtype="float32")
+        target = power(c)
+        energy = target.sum(1)
+        talking, silent = energy > energy.max() * 10**-2.5, energy < energy.max() * 10**-5
+        for system in systems:
+            y, _ = sf.read(system / path.name, dtype="float32")
+            out = power(y[: c.size])
+            for b, r in enumerate(rows):
+                sums[system][:, b] += [out[talking][:, r].sum(), target[talking][:, r].sum(), out[silent][:, r].sum()]
+    print("bands (Hz):", " ".join(f"{lo}-{hi}" for lo, hi in zip(LEVEL_BANDS_HZ[:-1], LEVEL_BANDS_HZ[1:], strict=True)))
+    for system, (talk_out, talk_clean, silent_out) in sums.items():
+        for frames, out in (("talking frames, output / target", talk_out), ("silent frames, output / talking target",
+                                                                              silent_out)):
+            print(f"{system}: {frames} dB:", np.round(10 * np.log10(out / talk_clean), 1))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    p = commands.add_parser("oracle")
+    p.add_argument("mask", choices=sorted(ORACLE_MASKS))
+    p.add_argument("--noisy", type=Path, required=True)
+    p.add_argument("--clean", type=Path, required=True)
+    s = commands.add_parser("swap")
+    s.add_argument("--base", type=Path, required=True)
+    s.add_argument("--donor", type=Path, required=True)
+    s.add_argument("--band", type=float, nargs=2, required=True, metavar=("LOW_HZ", "HIGH_HZ"))
+    r = commands.add_parser("peer")
+    r.add_argument("name")
+    r.add_argument("--noisy", type=Path, required=True)
+    for sub in (p, s, r):
+        sub.add_argument("-o", "--out", type=Path, required=True)
+    lv = commands.add_parser("levels")
+    lv.add_argument("--clean", type=Path, required=True)
+    lv.add_argument("systems", type=Path, nargs="+")
+    for sub in (p, s, r, lv):
+        sub.add_argument("--limit", type=int, default=None)
+    args = parser.parse_args()
+    if args.command == "levels":
+        levels(args.clean, args.systems, args.limit)
+        return
+    if args.command == "oracle":
+        oracle(args.mask, args.noisy, args.clean, args.out, args.limit)
+    elif args.command == "swap":
+        swap(args.base, args.donor, tuple(args.band), args.out, args.limit)
+    else:
+        peer(args.name, args.noisy, args.out, args.limit)
+
+
+if __name__ == "__main__":
+    main()
