@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
+onnx = pytest.importorskip("onnx")
 
 from quell.export.exporter import check_parity, export_model  # noqa: E402
 from quell.models.dtln import DTLN, DTLNConfig  # noqa: E402
@@ -25,10 +26,10 @@ def test_published_size_is_about_one_million_parameters():
 
 
 @pytest.mark.parametrize("dft", ["fft", "matmul"])
-@pytest.mark.parametrize("bands", [0, 8])
-def test_torch_streaming_equals_offline(dft, bands):
+@pytest.mark.parametrize(("bands", "window"), [(0, "none"), (8, "none"), (0, "hann")])
+def test_torch_streaming_equals_offline(dft, bands, window):
     torch.manual_seed(0)
-    model = DTLN(DTLNConfig(hidden=32, encoder=64, mask_bands=bands)).eval()
+    model = DTLN(DTLNConfig(hidden=32, encoder=64, mask_bands=bands, analysis_window=window)).eval()
     model.dft = dft
     x = torch.from_numpy(_noisy(128 * 40))[None]
     with torch.no_grad():
@@ -58,6 +59,22 @@ def test_onnx_step_and_sequence_graphs_equal_pytorch(tmp_path):
     sequence = np.concatenate([engine.process(x[: 128 * 20]), engine.process(x[128 * 20 :])])  # carried states
     assert np.abs(step[384:] - offline[:-384]).max() <= 1e-4
     assert np.abs(sequence - step).max() <= 1e-5
+
+
+def test_the_analysis_window_is_in_the_graph_at_no_extra_node(tmp_path):
+    torch.manual_seed(2)
+    plain = DTLN(DTLNConfig(hidden=32, encoder=64)).eval()
+    windowed = DTLN(DTLNConfig(hidden=32, encoder=64, analysis_window="hann")).eval()
+    windowed.load_state_dict(plain.state_dict())
+    cards = [export_model(m, tmp_path / f"{name}.onnx") for m, name in ((plain, "plain"), (windowed, "hann"))]
+    assert check_parity(windowed, cards[1].path, tolerance=1e-4) <= 1e-4
+    nodes = [len(onnx.load(card.graph_path("step")).graph.node) for card in cards]
+    assert nodes[0] == nodes[1]
+    x = _noisy(128 * 30, seed=4)
+    outputs = [StreamingModel(c.path).process(x) for c in cards]
+    assert np.abs(outputs[0] - outputs[1]).max() > 1e-3  # the same weights hear a windowed spectrum
+    with pytest.raises(ValueError, match="analysis_window"):
+        DTLN(DTLNConfig(analysis_window="hamming"))
 
 
 def test_band_gains_spread_over_the_bins_as_weights_summing_to_one():

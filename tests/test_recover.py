@@ -18,6 +18,7 @@ from quell.models.train import build_model
 TINY = {  # a model's name in the tests: (the recipe's model, its sizes)
     "dtln": ("dtln", {"hidden": 16, "layers": 2, "encoder": 32}),
     "dtln_bands": ("dtln", {"hidden": 16, "layers": 2, "encoder": 32, "mask_bands": 8}),
+    "dtln_hann": ("dtln", {"hidden": 16, "layers": 2, "encoder": 32, "analysis_window": "hann"}),
     "d3net_aec": ("d3net_aec", {"channels": 4, "growth": 4, "layers": 2, "blocks": 2, "downsample": 1,
                                 "filter_partitions": 3}),
     "d3net_aec_detector": ("d3net_aec", {"channels": 4, "growth": 4, "layers": 2, "blocks": 1,

@@ -69,6 +69,8 @@ def export_release_graphs(model: DTLN, folder: str | Path) -> list[Path]:
     """Write `model_1.onnx` and `model_2.onnx` of `model` into `folder`; returns their paths."""
     if not isinstance(model, DTLN):
         raise ValueError(f"the release layout is DTLN's; this checkpoint holds a {type(model).__name__}")
+    if model.config.analysis_window != "none":
+        raise ValueError("the release's runtime takes the DFT of unwindowed frames; this DTLN windows them")
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     cfg = model.eval().config

@@ -2,8 +2,13 @@
 
 Stage 1 predicts a magnitude mask on the STFT of a 512-sample frame (the "norm" variant: the log magnitude is
 normalised by an instant layer norm); stage 2 encodes the resulting time frame with a learned basis, predicts
-a mask on it, decodes and overlap-adds. Frames have no analysis window, as in the original. With `mask_bands`
-stage 1 predicts one gain per ERB band instead of one per bin, spread over the bins by fixed triangles.
+a mask on it, decodes and overlap-adds. Frames have no analysis window, as in the original, unless
+`analysis_window` is "hann": a rectangular window leaks every harmonic into its neighbours (sidelobes 13 dB
+down), so no mask can take out the noise between them; a mask computed from the clean target itself scores
+DNSMOS OVRL 2.69 and PESQ-WB 2.55 on the validation set with none, 2.79 and 3.56 with square-root Hann windows
+(recipes/dtln/README.md). The window is folded into the DFT basis, so it costs nothing per hop. With
+`mask_bands` stage 1 predicts one gain per ERB band instead of one per bin, spread over the bins by fixed
+triangles.
 
 The same module runs in two ways:
 - `forward(noisy)` for training: whole signals, time-aligned output, torch.fft for the DFT;
@@ -35,6 +40,7 @@ class DTLNConfig:
     dropout: float = 0.25
     eps: float = 1e-7
     mask_bands: int = 0  # stage 1's gains: 0, one per bin (published); N, one per ERB band, spread over the bins
+    analysis_window: str = "none"  # stage 1's DFT: "none" (rectangular, published) or "hann" (periodic)
 
     @property
     def bins(self) -> int:
@@ -83,6 +89,10 @@ class DTLN(nn.Module):
         self.lstm2 = LSTMStack(cfg.encoder, cfg.hidden, cfg.layers, cfg.dropout)
         self.mask2 = nn.Linear(cfg.hidden, cfg.encoder)
         self.decoder = nn.Linear(cfg.encoder, cfg.window, bias=False)
+        if cfg.analysis_window not in ("none", "hann"):
+            raise ValueError(f"analysis_window is 'none' or 'hann', not {cfg.analysis_window!r}")
+        window = torch.hann_window(cfg.window, dtype=torch.float64) if cfg.analysis_window == "hann" else None
+        self.register_buffer("analysis", None if window is None else window.float(), persistent=False)
         self.dft = "fft"
         self._make_dft_basis()
         if cfg.mask_bands:
@@ -90,8 +100,11 @@ class DTLN(nn.Module):
             self.register_buffer("band_spread", spread.float(), persistent=False)
 
     def _make_dft_basis(self) -> None:
-        """Real DFT and its inverse as matrices: frame @ forward = [re | im]; [re | im] @ inverse = frame."""
+        """Real DFT and its inverse as matrices: frame @ forward = [re | im] (of the windowed frame);
+        [re | im] @ inverse = frame."""
         forward, inverse = real_dft_matrices(self.config.window)
+        if self.analysis is not None:
+            forward = self.analysis.double()[:, None] * forward
         self.register_buffer("dft_forward", forward.float(), persistent=False)
         self.register_buffer("dft_inverse", inverse.float(), persistent=False)
 
@@ -114,7 +127,7 @@ class DTLN(nn.Module):
         s1 = None if states is None else states[: 2 * cfg.layers]
         s2 = None if states is None else states[2 * cfg.layers :]
         if self.dft == "fft":
-            spec = torch.fft.rfft(frames, dim=-1)
+            spec = torch.fft.rfft(frames if self.analysis is None else frames * self.analysis, dim=-1)
             spec = torch.stack([spec.real, spec.imag], dim=-2)
         else:  # [..., 2, bins]: real and imaginary parts as one tensor, fewer nodes once exported
             spec = (frames @ self.dft_forward).reshape(frames.shape[0], -1, 2, cfg.bins)

@@ -8,8 +8,9 @@
     quell eval --noisy runs/valid_set/noisy --clean runs/valid_set/clean --enhanced runs/probe/oracle_psm \
         --baselines '' --limit 100 --jobs 2 --out runs/eval_probe_oracle_psm
 
-`oracle` applies a mask computed from the clean target itself (what no model knows) in DTLN's own STFT
-(512-point, hop 128, square-root Hann, the noisy phase): the best a magnitude mask of that form can do.
+`oracle` applies a mask computed from the clean target itself (what no model knows) in an STFT of DTLN's size
+(512-point, hop 128, square-root Hann windows, the noisy phase): the best a magnitude mask of that form can do;
+with `--rectangular`, in the STFT of DTLN's stage 1 itself (no window, overlap-add divided by 4).
 `swap` puts one system's magnitude into another's output in a frequency band (the base's phase), to see how much
 of a score difference that band holds. `peer` writes a peer's outputs (quell.dns.baselines), aligned.
 `levels` prints, per frequency band, each system's output level against the clean target's in the frames where
@@ -43,6 +44,20 @@ def _istft(spectrum: np.ndarray, rate: int, length: int) -> np.ndarray:
     return istft(spectrum, rate, window=_STFT_WINDOW, nperseg=WINDOW, noverlap=WINDOW - HOP)[1][:length]
 
 
+def _rectangular_frames(x: np.ndarray) -> np.ndarray:
+    """DTLN's framing: every hop's last WINDOW samples, the signal padded so that each sample is in 4 frames."""
+    overlap = WINDOW - HOP
+    padded = np.pad(x, (overlap, overlap + (-x.size) % HOP))
+    return np.lib.stride_tricks.sliding_window_view(padded, WINDOW)[::HOP]
+
+
+def _rectangular_overlap_add(frames: np.ndarray, length: int) -> np.ndarray:
+    out = np.zeros((len(frames) - 1) * HOP + WINDOW)
+    for i, frame in enumerate(frames):
+        out[i * HOP : i * HOP + WINDOW] += frame
+    return (out / (WINDOW // HOP))[WINDOW - HOP : WINDOW - HOP + length]
+
+
 def _ratio(clean: np.ndarray, noisy: np.ndarray) -> np.ndarray:
     return np.minimum(np.abs(clean) / (np.abs(noisy) + 1e-9), 1.0)
 
@@ -70,15 +85,20 @@ def _clips(folder: Path, limit: int | None) -> list[Path]:
     return clips
 
 
-def oracle(mask: str, noisy: Path, clean: Path, out: Path, limit: int | None) -> None:
-    """Write the noisy clips with the oracle `mask` applied."""
+def oracle(mask: str, noisy: Path, clean: Path, out: Path, limit: int | None, rectangular: bool = False) -> None:
+    """Write the noisy clips with the oracle `mask` applied (`rectangular`: in DTLN's unwindowed STFT)."""
     out.mkdir(parents=True, exist_ok=True)
     for path in _clips(noisy, limit):
         y, rate = sf.read(path, dtype="float32")
         c, _ = sf.read(clean / path.name, dtype="float32")
-        noisy_spec, clean_spec = _stft(y, rate), _stft(c, rate)
-        masked = noisy_spec * ORACLE_MASKS[mask](clean_spec, noisy_spec)
-        sf.write(out / path.name, _istft(masked, rate, y.size).astype(np.float32), rate)
+        if rectangular:  # [frames, bins], as the masks want [bins, frames]
+            noisy_spec, clean_spec = (np.fft.rfft(_rectangular_frames(x), axis=-1).T for x in (y, c))
+            frames = np.fft.irfft((noisy_spec * ORACLE_MASKS[mask](clean_spec, noisy_spec)).T, n=WINDOW, axis=-1)
+            enhanced = _rectangular_overlap_add(frames, y.size)
+        else:
+            noisy_spec, clean_spec = _stft(y, rate), _stft(c, rate)
+            enhanced = _istft(noisy_spec * ORACLE_MASKS[mask](clean_spec, noisy_spec), rate, y.size)
+        sf.write(out / path.name, enhanced.astype(np.float32), rate)
 
 
 def swap(base: Path, donor: Path, band: tuple[float, float], out: Path, limit: int | None) -> None:
@@ -148,6 +168,7 @@ def main() -> None:
     p.add_argument("mask", choices=sorted(ORACLE_MASKS))
     p.add_argument("--noisy", type=Path, required=True)
     p.add_argument("--clean", type=Path, required=True)
+    p.add_argument("--rectangular", action="store_true", help="in DTLN's stage-1 STFT (no window)")
     s = commands.add_parser("swap")
     s.add_argument("--base", type=Path, required=True)
     s.add_argument("--donor", type=Path, required=True)
@@ -167,7 +188,7 @@ def main() -> None:
         levels(args.clean, args.systems, args.limit)
         return
     if args.command == "oracle":
-        oracle(args.mask, args.noisy, args.clean, args.out, args.limit)
+        oracle(args.mask, args.noisy, args.clean, args.out, args.limit, args.rectangular)
     elif args.command == "swap":
         swap(args.base, args.donor, tuple(args.band), args.out, args.limit)
     else:
