@@ -41,7 +41,6 @@ class ReleaseRuntime:
 
     def __init__(self, folder: str | Path):
         folder = Path(folder)
-        self.name = str(folder)
         self.sessions = [make_session(folder / name) for name in RELEASE_GRAPHS]
         self.feeds = [{i.name: np.zeros([d if isinstance(d, int) else 1 for d in i.shape], np.float32)
                        for i in s.get_inputs()} for s in self.sessions]
