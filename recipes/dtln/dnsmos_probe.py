@@ -28,8 +28,10 @@ from pathlib import Path
 
 import numpy as np
 import soundfile as sf
+import torch
 from scipy.signal import istft, stft
 
+from quell.models.dtln import frame_signal, overlap_add
 from quell.models.layers import band_spread_matrix
 
 WINDOW, HOP = 512, 128
@@ -45,17 +47,15 @@ def _istft(spectrum: np.ndarray, rate: int, length: int) -> np.ndarray:
 
 
 def _rectangular_frames(x: np.ndarray) -> np.ndarray:
-    """DTLN's framing: every hop's last WINDOW samples, the signal padded so that each sample is in 4 frames."""
+    """DTLN's framing (as in `DTLN.forward`): the signal padded so that each sample is in WINDOW // HOP frames."""
     overlap = WINDOW - HOP
-    padded = np.pad(x, (overlap, overlap + (-x.size) % HOP))
-    return np.lib.stride_tricks.sliding_window_view(padded, WINDOW)[::HOP]
+    padded = torch.nn.functional.pad(torch.from_numpy(x)[None], (overlap, overlap + (-x.size) % HOP))
+    return frame_signal(padded, WINDOW, HOP)[0].numpy()
 
 
 def _rectangular_overlap_add(frames: np.ndarray, length: int) -> np.ndarray:
-    out = np.zeros((len(frames) - 1) * HOP + WINDOW)
-    for i, frame in enumerate(frames):
-        out[i * HOP : i * HOP + WINDOW] += frame
-    return (out / (WINDOW // HOP))[WINDOW - HOP : WINDOW - HOP + length]
+    out = overlap_add(torch.from_numpy(frames)[None], HOP)[0].numpy() / (WINDOW // HOP)
+    return out[WINDOW - HOP : WINDOW - HOP + length]
 
 
 def _ratio(clean: np.ndarray, noisy: np.ndarray) -> np.ndarray:
