@@ -41,12 +41,9 @@ class _MaskStage(nn.Module):
         self.model = model
 
     def forward(self, magnitude: torch.Tensor, states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        m, cfg = self.model, self.model.config
-        x, new = m.lstm1(m.stft_norm(torch.log(magnitude + cfg.eps)), _unpack(states, cfg.layers))
-        gains = torch.sigmoid(m.mask1(x))
-        if cfg.mask_bands:
-            gains = gains @ m.band_spread
-        return gains, _pack(new, cfg.layers)
+        layers = self.model.config.layers
+        gains, new = self.model.stage1_gains(magnitude, _unpack(states, layers))
+        return gains, _pack(new, layers)
 
 
 class _FrameStage(nn.Module):
@@ -59,10 +56,9 @@ class _FrameStage(nn.Module):
 
     def forward(self, frame: torch.Tensor, states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         m, cfg = self.model, self.model.config
-        encoded = m.encoder(frame)
-        x, new = m.lstm2(m.encoder_norm(encoded), _unpack(states, cfg.layers))
+        masked, new = m.stage2_masked(m.encoder(frame), _unpack(states, cfg.layers))
         decoder = m.decoder.weight * (cfg.window / cfg.hop)  # a constant once exported
-        return nn.functional.linear(encoded * torch.sigmoid(m.mask2(x)), decoder), _pack(new, cfg.layers)
+        return nn.functional.linear(masked, decoder), _pack(new, cfg.layers)
 
 
 def export_release_graphs(model: DTLN, folder: str | Path) -> list[Path]:

@@ -132,19 +132,30 @@ class DTLN(nn.Module):
         else:  # [..., 2, bins]: real and imaginary parts as one tensor, fewer nodes once exported
             spec = (frames @ self.dft_forward).reshape(frames.shape[0], -1, 2, cfg.bins)
         magnitude = torch.sqrt((spec * spec).sum(-2) + cfg.eps * cfg.eps)
-        x, new1 = self.lstm1(self.stft_norm(torch.log(magnitude + cfg.eps)), s1)
-        gains = torch.sigmoid(self.mask1(x))
-        if cfg.mask_bands:
-            gains = gains @ self.band_spread
+        gains, new1 = self.stage1_gains(magnitude, s1)
         masked = spec * gains.unsqueeze(-2)
         if self.dft == "fft":
             encoded = self.encoder(torch.fft.irfft(torch.complex(masked[..., 0, :], masked[..., 1, :]),
                                                    n=cfg.window, dim=-1))
         else:  # inverse DFT and encoder are both linear: one product, a constant once exported
             encoded = masked.reshape(frames.shape[0], -1, 2 * cfg.bins) @ (self.dft_inverse @ self.encoder.weight.T)
-        x, new2 = self.lstm2(self.encoder_norm(encoded), s2)
-        frames = self.decoder(encoded * torch.sigmoid(self.mask2(x)))
-        return frames, new1 + new2
+        masked_encoded, new2 = self.stage2_masked(encoded, s2)
+        return self.decoder(masked_encoded), new1 + new2
+
+    def stage1_gains(
+        self, magnitude: torch.Tensor, states: list[torch.Tensor] | None
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Stage 1: the DFT magnitudes of frames -> their gains per bin, and the new LSTM states."""
+        x, new = self.lstm1(self.stft_norm(torch.log(magnitude + self.config.eps)), states)
+        gains = torch.sigmoid(self.mask1(x))
+        return (gains @ self.band_spread if self.config.mask_bands else gains), new
+
+    def stage2_masked(
+        self, encoded: torch.Tensor, states: list[torch.Tensor] | None
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Stage 2 up to the decoder: encoded frames -> masked encoded frames, and the new LSTM states."""
+        x, new = self.lstm2(self.encoder_norm(encoded), states)
+        return encoded * torch.sigmoid(self.mask2(x)), new
 
     # ---- training: whole signals ----------------------------------------------------------------------------
     def forward(self, noisy: torch.Tensor) -> torch.Tensor:
