@@ -25,9 +25,11 @@ def test_published_size_is_about_one_million_parameters():
     assert 0.9e6 < sum(p.numel() for p in DTLN().parameters()) < 1.1e6
 
 
-@pytest.mark.parametrize("dft", ["fft", "matmul"])
+@pytest.mark.parametrize("dft", ["fft", "matmul", "sliding"])
 @pytest.mark.parametrize(("bands", "window"), [(0, "none"), (8, "none"), (0, "hann")])
 def test_torch_streaming_equals_offline(dft, bands, window):
+    if dft == "sliding" and window == "hann":
+        pytest.skip("a windowed DFT does not slide")
     torch.manual_seed(0)
     model = DTLN(DTLNConfig(hidden=32, encoder=64, mask_bands=bands, analysis_window=window)).eval()
     model.dft = dft
@@ -61,6 +63,50 @@ def test_onnx_step_and_sequence_graphs_equal_pytorch(tmp_path):
     assert np.abs(sequence - step).max() <= 1e-5
 
 
+def _constant_matmul_shapes(path) -> list[tuple[int, ...]]:
+    """Shapes of the constant right-hand sides of a graph's MatMuls (initializers or Constant nodes)."""
+    graph = onnx.load(str(path)).graph
+    shapes = {init.name: tuple(init.dims) for init in graph.initializer}
+    for node in graph.node:
+        if node.op_type == "Constant":
+            shapes[node.output[0]] = tuple(node.attribute[0].t.dims)
+    return [shapes[n.input[1]] for n in graph.node if n.op_type == "MatMul" and n.input[1] in shapes]
+
+
+def test_the_exported_dft_slides(tmp_path):
+    """A rectangular DTLN's graphs transform each hop once (a [hop, 2 bins] basis), never a whole frame, and
+    carry the frames' partial spectra as a state; the output is PyTorch's."""
+    torch.manual_seed(5)
+    model = DTLN(DTLNConfig(hidden=32, encoder=64)).eval()
+    card = export_model(model, tmp_path / "m.onnx")  # parity with PyTorch is checked on export
+    for graph in ("step", "sequence"):
+        shapes = _constant_matmul_shapes(card.graph_path(graph))
+        assert (128, 514) in shapes and (512, 514) not in shapes, (graph, shapes)
+    states = {s.name: s.shape for s in card.states}
+    assert states["input_spectra"] == [1, 3 * 514] and "input_buffer" not in states
+
+
+def test_the_dft_slides_over_half_windows_and_refuses_windowed_frames():
+    torch.manual_seed(6)
+    model = DTLN(DTLNConfig(window=256, hop=128, hidden=16, encoder=32)).eval()
+    assert model.export_dft == "sliding"
+    x = torch.from_numpy(_noisy(128 * 30))[None]
+    with torch.no_grad():
+        offline = model(x)
+        model.dft = "sliding"
+        states, hops = model.initial_states(), []
+        for k in range(30):
+            out, *states = model.stream(x[:, k * 128 : (k + 1) * 128], states, single_hop=True)
+            hops.append(out)
+    torch.testing.assert_close(torch.cat(hops, -1)[:, 128:], offline[:, :-128], atol=1e-5, rtol=0)
+
+    windowed = DTLN(DTLNConfig(hidden=16, encoder=32, analysis_window="hann")).eval()
+    assert windowed.export_dft == "matmul"
+    windowed.dft = "sliding"
+    with pytest.raises(ValueError, match="slides only"):
+        windowed.stream(x[:, :128], windowed.initial_states(), single_hop=True)
+
+
 def test_the_analysis_window_is_in_the_graph_at_no_extra_node(tmp_path):
     torch.manual_seed(2)
     plain = DTLN(DTLNConfig(hidden=32, encoder=64)).eval()
@@ -68,7 +114,14 @@ def test_the_analysis_window_is_in_the_graph_at_no_extra_node(tmp_path):
     windowed.load_state_dict(plain.state_dict())
     cards = [export_model(m, tmp_path / f"{name}.onnx") for m, name in ((plain, "plain"), (windowed, "hann"))]
     assert check_parity(windowed, cards[1].path, tolerance=1e-4) <= 1e-4
-    nodes = [len(onnx.load(card.graph_path("step")).graph.node) for card in cards]
+    # a windowed frame's DFT does not slide: the plain model's step graph with a whole frame's DFT as well
+    from quell.export.exporter import export_graph
+    from quell.export.simplify import simplify_step_graph
+
+    plain.dft, unwindowed = "matmul", tmp_path / "plain_frame_dft.onnx"
+    export_graph(plain, unwindowed, single_hop=True)
+    simplify_step_graph(unwindowed)
+    nodes = [len(onnx.load(path).graph.node) for path in (unwindowed, cards[1].graph_path("step"))]
     assert nodes[0] == nodes[1]
     x = _noisy(128 * 30, seed=4)
     outputs = [StreamingModel(c.path).process(x) for c in cards]
@@ -116,7 +169,7 @@ def test_card_describes_the_graphs(tiny_dtln_card):
     assert card.algorithmic_latency == pytest.approx(0.032)
     assert card.graph_path("step").is_file() and card.graph_path("sequence").is_file()
     names = {s.name for s in card.states}
-    assert {"input_buffer", "output_buffer", "lstm1_0_h", "lstm2_1_c"} <= names
+    assert {"input_spectra", "output_buffer", "lstm1_0_h", "lstm2_1_c"} <= names
     assert card.parameters == sum(p.numel() for p in DTLN(DTLNConfig(hidden=32, encoder=64)).parameters())
 
 

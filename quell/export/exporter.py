@@ -96,8 +96,8 @@ def export_model(
     out = Path(out)
     name = name or out.stem
     model = model.eval()
-    if hasattr(model, "dft"):
-        model.dft = "matmul"  # a fixed-basis MatMul is cheaper per hop than an FFT node
+    if hasattr(model, "export_dft"):
+        model.dft = model.export_dft  # a fixed-basis MatMul is cheaper per hop than an FFT node
     cfg = model.config
     out.parent.mkdir(parents=True, exist_ok=True)
     sequence = out.with_suffix(".seq.onnx") if model.has_sequence else None

@@ -14,7 +14,12 @@ The same module runs in two ways:
 - `forward(noisy)` for training: whole signals, time-aligned output, torch.fft for the DFT;
 - `stream(audio, states)` for export: a block of hops in, the same number of enhanced hops out, every buffer
   and LSTM state explicit. Its output is the enhanced signal delayed by `window - hop` samples. With
-  `dft="matmul"` the DFT is a product with a fixed basis, which is cheaper than an FFT node per hop.
+  `dft="matmul"` the DFT is a product with a fixed basis, which is cheaper than an FFT node per hop. With
+  `dft="sliding"` (rectangular frames whose hop is a quarter or a half of the window) each hop's samples are
+  transformed once, as if they started a frame, and the partial DFTs of the frames still to come are carried
+  as a state: a frame's DFT is the sum of its blocks' DFTs, each turned by where the block sits in the frame,
+  and those turns are whole quarter turns per bin, exact swaps of real and imaginary parts and of signs. That
+  is a quarter of a full frame's products per hop (the step graph's largest product).
 """
 
 from __future__ import annotations
@@ -107,6 +112,28 @@ class DTLN(nn.Module):
             forward = self.analysis.double()[:, None] * forward
         self.register_buffer("dft_forward", forward.float(), persistent=False)
         self.register_buffer("dft_inverse", inverse.float(), persistent=False)
+        if self.slides:
+            self.register_buffer("dft_block", forward[: self.config.hop].float(), persistent=False)
+            blocks = self.config.window // self.config.hop
+            # a block at every position of a frame, newest (the frame's end) first; then the turns R^d,
+            # d = blocks / 2, blocks / 4, ..., 1, that sum many blocks in halves
+            turns = {"placed": list(range(blocks - 1, -1, -1))}
+            turns.update({f"half_{d}": [d] for d in _halvings(blocks)})
+            for name, distances in turns.items():
+                same, swapped = zip(*(_quarter_turn(self.config, d) for d in distances), strict=True)
+                self.register_buffer(f"turn_{name}_same", torch.stack(same), persistent=False)
+                self.register_buffer(f"turn_{name}_swapped", torch.stack(swapped), persistent=False)
+
+    @property
+    def slides(self) -> bool:
+        """Whether the DFT can slide (`dft="sliding"`): rectangular frames, a hop of a quarter or half window."""
+        cfg = self.config
+        return self.analysis is None and cfg.window % cfg.hop == 0 and cfg.window // cfg.hop in (2, 4)
+
+    @property
+    def export_dft(self) -> str:
+        """The cheapest DFT form per hop for the exported graphs: "sliding" where it can, else "matmul"."""
+        return "sliding" if self.slides else "matmul"
 
     def adapt_state_dict(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Weights of a per-bin DTLN made fit for this band-gain one (or `state` as it is): each band's mask
@@ -123,14 +150,24 @@ class DTLN(nn.Module):
         self, frames: torch.Tensor, states: list[torch.Tensor] | None = None
     ) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """Enhance [batch, n_frames, window] time frames; returns frames of the same shape and new LSTM states."""
+        return self._enhance_spectra(self._spectra(frames), states)
+
+    def _spectra(self, frames: torch.Tensor) -> torch.Tensor:
+        """[batch, n_frames, window] time frames -> their [batch, n_frames, 2, bins] DFTs (real, imaginary)."""
+        cfg = self.config
+        if self.dft == "fft":
+            spec = torch.fft.rfft(frames if self.analysis is None else frames * self.analysis, dim=-1)
+            return torch.stack([spec.real, spec.imag], dim=-2)
+        # [..., 2, bins]: real and imaginary parts as one tensor, fewer nodes once exported
+        return (frames @ self.dft_forward).reshape(frames.shape[0], -1, 2, cfg.bins)
+
+    def _enhance_spectra(
+        self, spec: torch.Tensor, states: list[torch.Tensor] | None = None
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Enhance frames given as [batch, n_frames, 2, bins] DFTs; returns time frames and new LSTM states."""
         cfg = self.config
         s1 = None if states is None else states[: 2 * cfg.layers]
         s2 = None if states is None else states[2 * cfg.layers :]
-        if self.dft == "fft":
-            spec = torch.fft.rfft(frames if self.analysis is None else frames * self.analysis, dim=-1)
-            spec = torch.stack([spec.real, spec.imag], dim=-2)
-        else:  # [..., 2, bins]: real and imaginary parts as one tensor, fewer nodes once exported
-            spec = (frames @ self.dft_forward).reshape(frames.shape[0], -1, 2, cfg.bins)
         magnitude = torch.sqrt((spec * spec).sum(-2) + cfg.eps * cfg.eps)
         gains, new1 = self.stage1_gains(magnitude, s1)
         masked = spec * gains.unsqueeze(-2)
@@ -138,7 +175,7 @@ class DTLN(nn.Module):
             encoded = self.encoder(torch.fft.irfft(torch.complex(masked[..., 0, :], masked[..., 1, :]),
                                                    n=cfg.window, dim=-1))
         else:  # inverse DFT and encoder are both linear: one product, a constant once exported
-            encoded = masked.reshape(frames.shape[0], -1, 2 * cfg.bins) @ (self.dft_inverse @ self.encoder.weight.T)
+            encoded = masked.reshape(spec.shape[0], -1, 2 * cfg.bins) @ (self.dft_inverse @ self.encoder.weight.T)
         masked_encoded, new2 = self.stage2_masked(encoded, s2)
         return self.decoder(masked_encoded), new1 + new2
 
@@ -175,6 +212,8 @@ class DTLN(nn.Module):
         cfg = self.config
         overlap = cfg.window - cfg.hop
         shapes: dict[str, tuple[int, ...]] = {"input_buffer": (1, overlap), "output_buffer": (1, overlap)}
+        if self.dft == "sliding":  # the partial DFTs of the next window / hop - 1 frames instead of samples
+            shapes = {"input_spectra": (1, (cfg.window // cfg.hop - 1) * 2 * cfg.bins), "output_buffer": (1, overlap)}
         for stage in (1, 2):
             for layer in range(cfg.layers):
                 shapes[f"lstm{stage}_{layer}_h"] = (1, 1, cfg.hidden)
@@ -196,15 +235,81 @@ class DTLN(nn.Module):
         cfg = self.config
         input_buffer, output_buffer, *lstm_states = states
         overlap = cfg.window - cfg.hop
-        signal = torch.cat([input_buffer, audio], dim=-1)
-        frames = signal.unsqueeze(1) if single_hop else frame_signal(signal, cfg.window, cfg.hop)
-        frames, new_lstm = self._enhance_frames(frames, lstm_states)
+        if self.dft == "sliding":
+            spec, new_input_buffer = self._slide(audio, input_buffer, single_hop)
+        else:
+            signal = torch.cat([input_buffer, audio], dim=-1)
+            spec = self._spectra(signal.unsqueeze(1) if single_hop else frame_signal(signal, cfg.window, cfg.hop))
+            new_input_buffer = signal[:, -overlap:]
+        frames, new_lstm = self._enhance_spectra(spec, lstm_states)
         # [1, (n_hops + window / hop - 1) * hop]; one frame needs no overlap-add
         summed = frames.reshape(1, cfg.window) if single_hop else overlap_add(frames, cfg.hop)
         summed = summed + nn.functional.pad(output_buffer, (0, audio.shape[-1]))
         enhanced, new_output_buffer = torch.split(summed, [audio.shape[-1], overlap], dim=-1)
-        new_input_buffer = signal[:, -overlap:]
         return (enhanced, new_input_buffer, new_output_buffer, *new_lstm)
+
+    def _slide(
+        self, audio: torch.Tensor, partial: torch.Tensor, single_hop: bool
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The sliding DFT: [1, n_hops * hop] samples and the partial DFTs of the next window / hop - 1 frames
+        (the sums over their blocks so far) -> the [1, n_hops, 2, bins] DFTs of the frames that end with these
+        hops, and the new partial DFTs.
+
+        Each block's DFT is taken as if the block started a frame (C); a frame of blocks b_0 .. b_{B-1}, oldest
+        first, has the DFT sum_p R^p C(b_p), R the turn of one hop. One hop is placed at all its B positions at
+        once (B turned copies); many hops are summed in halves, e.g. for B = 4, (C0 + R^2 C2) + R (C1 + R^2 C3),
+        two turned copies of every block instead of four, which the sequence graph's memory traffic prefers.
+        Either way the frames' sums overlap-add with the partial ones, as the decoder's frames do in time.
+        """
+        cfg = self.config
+        if not self.slides:
+            raise ValueError("the DFT slides only over rectangular frames with a hop of a quarter or half window")
+        blocks, n_hops, width = cfg.window // cfg.hop, audio.shape[-1] // cfg.hop, 2 * cfg.bins
+        dfts = (audio.reshape(1, -1, cfg.hop) @ self.dft_block).reshape(1, -1, 2, cfg.bins)
+        if single_hop:
+            summed = self._turned(dfts, "placed").reshape(1, -1)  # [1, blocks * width], this frame first
+            summed = summed + torch.cat([partial, partial.new_zeros(1, width)], dim=-1)
+        else:  # the sums of every frame that holds a new block (the first and last blocks - 1 of them partial)
+            edge = dfts.new_zeros(1, blocks - 1, 2, cfg.bins)
+            sums = torch.cat([edge, dfts, edge], dim=1)
+            for distance in _halvings(blocks):
+                later = self._turned(sums[:, distance:], f"half_{distance}")
+                sums = sums[:, : sums.shape[1] - distance] + later
+            summed = sums.reshape(1, -1) + nn.functional.pad(partial, (0, n_hops * width))
+        spectra, new_partial = torch.split(summed, [n_hops * width, partial.shape[-1]], dim=-1)
+        return spectra.reshape(1, -1, 2, cfg.bins), new_partial
+
+    def _turned(self, dfts: torch.Tensor, name: str) -> torch.Tensor:
+        """[1, n, 2, bins] block DFTs turned by the factors `turn_{name}_*` ([k, 2, bins]): k == 1, each
+        turned; else [1, n, k, 2, bins], each at k positions."""
+        same, swapped = getattr(self, f"turn_{name}_same"), getattr(self, f"turn_{name}_swapped")
+        if same.shape[0] > 1:
+            dfts = dfts.unsqueeze(2)
+        else:
+            same, swapped = same[0], swapped[0]
+        if not bool(swapped.any()):  # whole half turns only: signs
+            return dfts * same
+        return dfts * same + dfts.flip(-2) * swapped
+
+
+def _halvings(blocks: int) -> list[int]:
+    """blocks / 2, blocks / 4, ..., 1: the distances at which `DTLN._slide` sums a frame's blocks in halves."""
+    return [blocks >> level for level in range(1, blocks.bit_length())]
+
+
+def _quarter_turn(config: DTLNConfig, distance: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The turn of a block's DFT, laid out [2, bins] (re, im), when the block moves `distance` hops later in a
+    frame: [2, bins] factors of (re, im) and of (im, re).
+
+    Bin k turns by -2 pi k distance hop / window: q = 4 k distance hop / window quarter turns (a whole number
+    when 4 hop is a multiple of the window), times (-j)^q, which maps (re, im) to (re, im), (im, -re),
+    (-re, -im) or (-im, re) for q = 0, 1, 2, 3.
+    """
+    k = torch.arange(config.bins)
+    q = (4 * k * distance * config.hop // config.window) % 4
+    even = torch.where(q == 0, 1.0, torch.where(q == 2, -1.0, 0.0))
+    odd = torch.where(q == 1, 1.0, torch.where(q == 3, -1.0, 0.0))
+    return torch.stack([even, even]), torch.stack([odd, -odd])
 
 
 def frame_signal(signal: torch.Tensor, window: int, hop: int) -> torch.Tensor:
