@@ -211,9 +211,11 @@ class DTLN(nn.Module):
         """Names and shapes (batch 1) of the streaming states, in the order `stream` takes and returns them."""
         cfg = self.config
         overlap = cfg.window - cfg.hop
-        shapes: dict[str, tuple[int, ...]] = {"input_buffer": (1, overlap), "output_buffer": (1, overlap)}
         if self.dft == "sliding":  # the partial DFTs of the next window / hop - 1 frames instead of samples
-            shapes = {"input_spectra": (1, (cfg.window // cfg.hop - 1) * 2 * cfg.bins), "output_buffer": (1, overlap)}
+            shapes: dict[str, tuple[int, ...]] = {"input_spectra": (1, (cfg.window // cfg.hop - 1) * 2 * cfg.bins)}
+        else:
+            shapes = {"input_buffer": (1, overlap)}
+        shapes["output_buffer"] = (1, overlap)
         for stage in (1, 2):
             for layer in range(cfg.layers):
                 shapes[f"lstm{stage}_{layer}_h"] = (1, 1, cfg.hidden)
