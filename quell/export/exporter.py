@@ -97,7 +97,7 @@ def export_model(
     name = name or out.stem
     model = model.eval()
     if hasattr(model, "export_dft"):
-        model.dft = model.export_dft  # a fixed-basis MatMul is cheaper per hop than an FFT node
+        model.dft = model.export_dft  # fixed-basis products (sliding where it can): cheaper per hop than FFT nodes
     cfg = model.config
     out.parent.mkdir(parents=True, exist_ok=True)
     sequence = out.with_suffix(".seq.onnx") if model.has_sequence else None
