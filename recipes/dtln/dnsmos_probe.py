@@ -5,6 +5,7 @@
         -o runs/probe/oracle_psm
     python recipes/dtln/dnsmos_probe.py swap --base runs/probe/dtln --donor runs/probe/rnnoise --band 0 1000 \
         -o runs/probe/dtln_rnnoise_below1k
+    python recipes/dtln/dnsmos_probe.py comb --base runs/probe/dtln --cutoff 1000 -o runs/probe/comb_1k
     quell eval --noisy runs/valid_set/noisy --clean runs/valid_set/clean --enhanced runs/probe/oracle_psm \
         --baselines '' --limit 100 --jobs 2 --out runs/eval_probe_oracle_psm
 
@@ -12,7 +13,9 @@
 (512-point, hop 128, square-root Hann windows, the noisy phase): the best a magnitude mask of that form can do;
 with `--rectangular`, in the STFT of DTLN's stage 1 itself (no window, overlap-add divided by 4).
 `swap` puts one system's magnitude into another's output in a frequency band (the base's phase), to see how much
-of a score difference that band holds. `peer` writes a peer's outputs (quell.dns.baselines), aligned.
+of a score difference that band holds. `comb` runs a system's outputs through a pitch filter like RNNoise's
+(the noise between harmonics lowered); `blend` adds the noisy input back at a set gain.
+`peer` writes a peer's outputs (quell.dns.baselines), aligned.
 `levels` prints, per frequency band, each system's output level against the clean target's in the frames where
 the target talks, and in those where it is silent (against the talking frames' level there).
 
@@ -126,6 +129,71 @@ def peer(name: str, noisy: Path, out: Path, limit: int | None) -> None:
         sf.write(out / path.name, system.enhance(y, rate).audio, rate)
 
 
+PITCH_HZ = (60.0, 400.0)
+COMB_BAND_BINS = 4  # the pitch filter's bands: 4 bins of 31.25 Hz
+
+
+def _pitch_periods(padded: np.ndarray, starts: np.ndarray, rate: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per frame (WINDOW samples from each start): the period in samples whose delayed copy correlates best with
+    the frame, and that normalised correlation (0 where nothing is periodic)."""
+    shortest, longest = int(rate / PITCH_HZ[1]), int(rate / PITCH_HZ[0])
+    periods, strengths = np.zeros(starts.size, int), np.zeros(starts.size)
+    for f, s in enumerate(starts):
+        frame = padded[s : s + WINDOW]
+        delayed = np.lib.stride_tricks.sliding_window_view(padded[s - longest : s + WINDOW - shortest], WINDOW)
+        delayed = delayed[::-1]  # row i: the frame delayed by shortest + i samples
+        corr = delayed @ frame / np.sqrt((delayed**2).sum(1) * (frame @ frame) + 1e-12)
+        best = int(np.argmax(corr))
+        periods[f], strengths[f] = shortest + best, max(corr[best], 0.0)
+    return periods, strengths
+
+
+def comb(base: Path, out: Path, cutoff: float, strength: float, voicing: float, periods_back: int,
+         limit: int | None) -> None:
+    """Write `base`'s clips through a pitch filter below `cutoff` Hz, as RNNoise's: in each band of each frame the
+    spectrum of the signal one pitch period earlier is added in proportion to how well it correlates with the
+    frame's own (times `strength`), and the band's energy is put back to what it was, so the harmonics keep their
+    level and what lies between them (uncorrelated from period to period) is lowered. Frames whose best
+    period correlates less than `voicing` are left alone. Causal but for the STFT's own window."""
+    out.mkdir(parents=True, exist_ok=True)
+    window = _STFT_WINDOW
+    for path in _clips(base, limit):
+        y, rate = sf.read(path, dtype="float64")
+        lead = WINDOW + periods_back * int(rate / PITCH_HZ[0])
+        padded = np.concatenate([np.zeros(lead), y, np.zeros(WINDOW)])
+        starts = np.arange(lead - WINDOW + HOP, lead + y.size, HOP)
+        periods, voiced = _pitch_periods(padded, starts, rate)
+        frames = np.stack([padded[s : s + WINDOW] for s in starts]) * window
+        spec = np.fft.rfft(frames, axis=-1)
+        pitch = sum(np.fft.rfft(np.stack([padded[s - k * t : s - k * t + WINDOW] for s, t in zip(starts, periods,
+                    strict=True)]) * window, axis=-1) for k in range(1, periods_back + 1)) / periods_back
+        bins = int(np.searchsorted(np.fft.rfftfreq(WINDOW, 1 / rate), cutoff))
+        for lo in range(0, bins, COMB_BAND_BINS):
+            band = slice(lo, min(lo + COMB_BAND_BINS, bins))
+            x, p = spec[:, band], pitch[:, band]
+            energy = (np.abs(x) ** 2).sum(1)
+            r = (x * p.conj()).real.sum(1) / np.sqrt(energy * (np.abs(p) ** 2).sum(1) + 1e-12)
+            alpha = strength * np.clip(r, 0, 1) * (voiced >= voicing)
+            filtered = x + alpha[:, None] * p
+            scale = np.sqrt(energy / ((np.abs(filtered) ** 2).sum(1) + 1e-12))
+            spec[:, band] = filtered * scale[:, None]
+        enhanced = np.zeros(padded.size)
+        for s, frame in zip(starts, np.fft.irfft(spec, n=WINDOW, axis=-1) * window, strict=True):
+            enhanced[s : s + WINDOW] += frame
+        enhanced = enhanced[lead : lead + y.size] / (window**2).reshape(-1, HOP).sum(0).mean()
+        sf.write(out / path.name, enhanced.astype(np.float32), rate)
+
+
+def blend(base: Path, noisy: Path, gain_db: float, out: Path, limit: int | None) -> None:
+    """Write `base`'s clips with the noisy input added at `gain_db` (an attenuation limit: nothing is taken down
+    by more than about that much)."""
+    out.mkdir(parents=True, exist_ok=True)
+    for path in _clips(base, limit):
+        y, rate = sf.read(path, dtype="float32")
+        x, _ = sf.read(noisy / path.name, dtype="float32")
+        sf.write(out / path.name, y + 10 ** (gain_db / 20) * x[: y.size], rate)
+
+
 LEVEL_BANDS_HZ = (0, 250, 500, 1000, 2000, 3000, 4000, 5000, 6000, 7000, 8001)
 
 
@@ -178,10 +246,22 @@ def main() -> None:
     r.add_argument("--noisy", type=Path, required=True)
     for sub in (p, s, r):
         sub.add_argument("-o", "--out", type=Path, required=True)
+    c = commands.add_parser("comb")
+    c.add_argument("--base", type=Path, required=True)
+    c.add_argument("--cutoff", type=float, default=1000.0, help="Hz: filter below this")
+    c.add_argument("--strength", type=float, default=1.0)
+    c.add_argument("--voicing", type=float, default=0.3, help="least correlation at the best period")
+    c.add_argument("--periods", type=int, default=1, help="average this many periods back")
+    c.add_argument("-o", "--out", type=Path, required=True)
+    b = commands.add_parser("blend")
+    b.add_argument("--base", type=Path, required=True)
+    b.add_argument("--noisy", type=Path, required=True)
+    b.add_argument("--gain", type=float, required=True, help="dB of the noisy input added")
+    b.add_argument("-o", "--out", type=Path, required=True)
     lv = commands.add_parser("levels")
     lv.add_argument("--clean", type=Path, required=True)
     lv.add_argument("systems", type=Path, nargs="+")
-    for sub in (p, s, r, lv):
+    for sub in (p, s, r, c, b, lv):
         sub.add_argument("--limit", type=int, default=None)
     args = parser.parse_args()
     if args.command == "levels":
@@ -189,6 +269,10 @@ def main() -> None:
         return
     if args.command == "oracle":
         oracle(args.mask, args.noisy, args.clean, args.out, args.limit, args.rectangular)
+    elif args.command == "blend":
+        blend(args.base, args.noisy, args.gain, args.out, args.limit)
+    elif args.command == "comb":
+        comb(args.base, args.out, args.cutoff, args.strength, args.voicing, args.periods, args.limit)
     elif args.command == "swap":
         swap(args.base, args.donor, tuple(args.band), args.out, args.limit)
     else:
