@@ -140,6 +140,28 @@ def train(recipe, out, max_minutes, init) -> None:
 
 
 @main.command()
+@click.argument("recipe", type=click.Path(exists=True, dir_okay=False))
+@click.option("--out", default=None, help="The run folder `quell train` will use; default runs/<recipe folder>.")
+@click.option("--shard", default="1/1", show_default=True, help="K/N: this process fills every N-th output from "
+              "the K-th; run N of them, one per core.")
+def teach(recipe, out, shard) -> None:
+    """Fill a distillation recipe's teacher cache (its `teacher_pool` outputs) ahead of `quell train`."""
+    from quell.models.train import teach as run_teacher
+
+    try:
+        k, n = (int(part) for part in shard.split("/"))
+        if not 1 <= k <= n:
+            raise ValueError
+    except ValueError:
+        raise click.BadParameter(f"expected K/N with 1 <= K <= N, got {shard!r}", param_hint="--shard") from None
+    try:
+        done = run_teacher(recipe, out or Path("runs") / Path(recipe).parent.name, k - 1, n)
+    except (ValueError, RuntimeError) as error:
+        raise click.ClickException(str(error)) from None
+    click.echo(f"taught {done} mixtures")
+
+
+@main.command()
 @click.option("-o", "--output", required=True, type=click.Path(file_okay=False), help="Folder for the set.")
 @click.option("-n", "--clips", default=100, show_default=True, type=click.IntRange(1), help="Number of clips.")
 @click.option("--speech", multiple=True, type=click.Path(exists=True), help="Speech folder (repeatable).")

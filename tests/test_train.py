@@ -159,3 +159,77 @@ def test_validation_hears_the_voices_as_recorded_and_other_rooms(recipe, tmp_pat
     trained, validated = training.synth.mixture(3).params, validation.synth.mixture(3).params
     assert 0.8 <= trained["speed"] <= 0.9 and validated["speed"] == 1.0
     assert training.synth.config.rir_bank == 0 and validation.synth.config.rir_bank == 1
+
+
+def _taught(recipe, teacher: str, pool: int):
+    path = recipe(1)
+    data = yaml.safe_load(path.read_text())
+    data["train"].update(teacher=teacher, teacher_pool=pool)
+    path.write_text(yaml.safe_dump(data))
+    return path, data
+
+
+def test_a_teacher_s_outputs_are_the_targets_taught_once_and_cycled(recipe, tmp_path):
+    from quell.models.train import TaughtSource, teach
+
+    # "noisy" (the unprocessed input) as the teacher: its output is known exactly
+    path, data = _taught(recipe, "noisy", 3)
+    assert teach(path, tmp_path / "run", shard=0, shards=2) == 2  # seeds 1234 and 1236 of 1234..1236
+    assert teach(path, tmp_path / "run", shard=1, shards=2) == 1
+    assert teach(path, tmp_path / "run") == 0  # all cached
+    cache = tmp_path / "run" / "teacher"
+    assert sorted(p.name for p in cache.glob("*.npy")) == ["1234.npy", "1235.npy", "1236.npy"]
+    source = TaughtSource(ExampleSource("denoise", data["data"], tmp_path, data["synth"]), "noisy", cache, 1234, 3)
+    (noisy,), (taught, clean) = source.example(1235)
+    np.testing.assert_allclose(taught, noisy, atol=1e-6)
+    assert not np.allclose(clean, noisy, atol=1e-3)
+    (again,), _ = source.example(1235 + 3)  # the pool cycles
+    np.testing.assert_array_equal(again, noisy)
+    np.save(cache / "1235.npy", np.zeros_like(noisy))  # a cached output is read, not taught again
+    assert not source.example(1235)[1][0].any()
+    train(path, tmp_path / "run")  # trains on the pool's 3 mixtures (2 steps of 2)
+    assert len(list(cache.glob("*.npy"))) == 3
+    assert (tmp_path / "run" / "log.csv").is_file()
+    data["synth"]["snr_db"] = [0.0, 5.0]  # other mixtures: the cache must not pass for theirs
+    path.write_text(yaml.safe_dump(data))
+    with pytest.raises(ValueError, match="holds a teacher's outputs for other mixtures"):
+        teach(path, tmp_path / "run")
+
+
+def test_a_real_teacher_teaches_what_it_outputs(recipe, tmp_path):
+    from quell.dns.baselines import BASELINES
+    from quell.models.train import teach
+
+    if BASELINES["deepfilternet"].available() is not None:
+        pytest.skip(BASELINES["deepfilternet"].available())
+    path, data = _taught(recipe, "deepfilternet", 1)
+    assert teach(path, tmp_path / "run") == 1
+    (noisy,), _ = ExampleSource("denoise", data["data"], tmp_path, data["synth"]).example(1234)
+    taught = np.load(tmp_path / "run" / "teacher" / "1234.npy")
+    expected = BASELINES["deepfilternet"]().enhance(noisy, RATE).audio
+    np.testing.assert_allclose(taught, expected, atol=1e-5)
+    assert not np.allclose(taught, noisy, atol=1e-3)  # the target is the teacher's, not the input
+
+
+def test_teach_refuses_a_recipe_without_a_teacher_and_an_unknown_teacher(recipe, tmp_path):
+    from quell.models.train import teach
+
+    with pytest.raises(ValueError, match="no teacher"):
+        teach(recipe(1), tmp_path / "run")
+    path, _ = _taught(recipe, "nobody", 2)
+    with pytest.raises(ValueError, match="unknown teacher 'nobody'"):
+        teach(path, tmp_path / "run")
+
+
+def test_quell_teach_reports_bad_input_in_one_line(recipe, tmp_path):
+    from click.testing import CliRunner
+
+    from quell.cli import main
+
+    untaught = CliRunner().invoke(main, ["teach", str(recipe(1)), "--out", str(tmp_path / "run")])
+    assert untaught.exit_code == 1 and "Error: the recipe names no teacher" in untaught.output
+    path, _ = _taught(recipe, "noisy", 2)  # the same recipe file, now with a teacher
+    bad_shard = CliRunner().invoke(main, ["teach", str(path), "--out", str(tmp_path / "run"), "--shard", "3/2"])
+    assert bad_shard.exit_code != 0 and "expected K/N with 1 <= K <= N, got '3/2'" in bad_shard.output
+    taught = CliRunner().invoke(main, ["teach", str(path), "--out", str(tmp_path / "run"), "--shard", "1/1"])
+    assert taught.exit_code == 0 and "taught 2 mixtures" in taught.output

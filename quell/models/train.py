@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import json
 import logging
 import math
 import os
@@ -66,6 +67,8 @@ class TrainConfig:
     selection_metric: str = "pesq_wb"  # best checkpoint, LR schedule and early stop follow this validation score
     valid_dnsmos: bool = False  # also DNSMOS SIG/BAK/OVRL of the validation outputs (needs quell[eval])
     valid_aecmos: bool = False  # echo models: also AECMOS echo and degradation, and their mean "aecmos"
+    teacher: str | None = None  # distillation: a peer of quell.dns.baselines whose output is the target
+    teacher_pool: int = 0  # with a teacher: items cycle over this many mixtures (0: never repeat)
 
 
 def build_model(recipe: dict[str, Any]) -> nn.Module:
@@ -138,10 +141,85 @@ class ExampleSource:
         return (mix.mic, mix.reference), (mix.near, mix.mic - mix.echo)
 
 
+class TaughtSource:
+    """Distillation: a denoising source whose target is a teacher's output for the noisy input (a peer of
+    `quell.dns.baselines`, e.g. DeepFilterNet3), the clean signal kept as the second target.
+
+    A teacher is slower than training (DeepFilterNet3 runs ~7x real time on one core, a DTLN step eats ~80x), so
+    each output is computed once and cached as `cache/<seed>.npy`, and with `pool` > 0 the seeds cycle over the
+    first `pool` mixtures from `first_seed`, which `teach` can fill ahead of the run, in parallel. The cache
+    records what it was taught from (`taught_from`: teacher, data and synthesis); another recipe's is refused.
+    """
+
+    def __init__(self, source: ExampleSource, teacher: str, cache: Path, first_seed: int, pool: int = 0,
+                 taught_from: dict[str, Any] | None = None):
+        if source.task != "denoise":
+            raise ValueError(f"a teacher can only teach denoising, not {source.task!r}")
+        from quell.dns.baselines import BASELINES
+
+        if teacher not in BASELINES:
+            raise ValueError(f"unknown teacher {teacher!r} (known: {', '.join(BASELINES)})")
+        missing = BASELINES[teacher].available()
+        if missing is not None:
+            raise RuntimeError(f"teacher {teacher} is not available: {missing}")
+        self.source, self.teacher, self.cache = source, BASELINES[teacher](), cache
+        self.first_seed, self.pool = first_seed, pool
+        self.task = source.task
+        cache.mkdir(parents=True, exist_ok=True)
+        if taught_from is not None:
+            record = cache / "taught_from.json"
+            if not record.exists():
+                record.write_text(json.dumps(taught_from, indent=1, sort_keys=True))
+            elif json.loads(record.read_text()) != json.loads(json.dumps(taught_from)):
+                raise ValueError(f"{cache} holds a teacher's outputs for other mixtures (its taught_from.json "
+                                 "differs from this recipe's teacher, data or synth): use another run folder")
+
+    def seed_of(self, seed: int) -> int:
+        """The mixture an item's seed stands for (the pool cycles)."""
+        return self.first_seed + (seed - self.first_seed) % self.pool if self.pool else seed
+
+    def example(self, seed: int) -> Example:
+        seed = self.seed_of(seed)
+        (noisy,), (clean,) = self.source.example(seed)
+        path = self.cache / f"{seed}.npy"
+        if path.exists():
+            taught = np.load(path)
+        else:
+            rate = self.source.synth.config.sample_rate
+            taught = self.teacher.enhance(noisy, rate).audio.astype(np.float32)
+            tmp = path.with_name(f".{path.stem}.{os.getpid()}.npy")
+            np.save(tmp, taught)
+            os.replace(tmp, path)
+        return (noisy,), (taught, clean)
+
+
+def teach(recipe_path: str | Path, out_dir: str | Path, shard: int = 0, shards: int = 1) -> int:
+    """Fill a distillation run's teacher cache ahead of training: the pool's mixtures `shard`, `shard + shards`,
+    ...; start one process per core. Returns how many outputs this shard computed (cached ones are skipped)."""
+    recipe_path = Path(recipe_path)
+    recipe = yaml.safe_load(recipe_path.read_text())
+    cfg = _dataclass_from(TrainConfig, recipe.get("train"))
+    if not cfg.teacher or not cfg.teacher_pool:
+        raise ValueError("the recipe names no teacher and teacher_pool to fill")
+    torch.set_num_threads(1)
+    source = _taught_source(recipe, recipe_path.parent, cfg, Path(out_dir))
+    todo = [s for s in range(cfg.seed + shard, cfg.seed + cfg.teacher_pool, shards)
+            if not (source.cache / f"{s}.npy").exists()]
+    for seed in _progress(total=len(todo), desc=f"teaching {shard + 1}/{shards}", enabled=True, items=todo):
+        source.example(seed)
+    return len(todo)
+
+
+def _taught_source(recipe: dict[str, Any], base: Path, cfg: TrainConfig, out: Path) -> TaughtSource:
+    taught_from = {"teacher": cfg.teacher, "data": recipe["data"], "synth": recipe.get("synth"), "seed": cfg.seed}
+    return TaughtSource(ExampleSource("denoise", recipe["data"], base, recipe.get("synth")), cfg.teacher,
+                        out / "teacher", cfg.seed, cfg.teacher_pool, taught_from)
+
+
 class MixtureDataset(Dataset):
     """Item i is the example for seed `seed + i`, as float32 tensors."""
 
-    def __init__(self, source: ExampleSource, seed: int, length: int):
+    def __init__(self, source: ExampleSource | TaughtSource, seed: int, length: int):
         self.source, self.seed, self.length = source, seed, length
 
     def __len__(self) -> int:
@@ -314,7 +392,8 @@ def train(recipe_path: str | Path, out_dir: str | Path, max_minutes: float | Non
         log.info("starting from the weights of %s", init)
     wrapped = nn.parallel.DistributedDataParallel(model) if distributed else model
 
-    train_source = ExampleSource(model.task, recipe["data"], base, recipe.get("synth"))
+    train_source = (_taught_source(recipe, base, cfg, out) if cfg.teacher
+                    else ExampleSource(model.task, recipe["data"], base, recipe.get("synth")))
     valid_source = ExampleSource(model.task, recipe["valid"], base, recipe.get("synth"), validation=True)
     valid_clips = [valid_source.example(cfg.valid_seed + i) for i in range(cfg.valid_clips)]
     total_items = cfg.max_epochs * cfg.steps_per_epoch * cfg.batch_size
@@ -396,10 +475,10 @@ def _checkpoint(model, optimizer, scheduler, state, recipe) -> dict[str, Any]:
             "state": dict(state), "recipe": recipe, "rng": torch.get_rng_state()}
 
 
-def _progress(total: int, desc: str, enabled: bool):
+def _progress(total: int, desc: str, enabled: bool, items=None):
     from tqdm import tqdm
 
-    return tqdm(total=total, desc=desc, disable=not enabled, dynamic_ncols=True, mininterval=5)
+    return tqdm(items, total=total, desc=desc, disable=not enabled, dynamic_ncols=True, mininterval=5)
 
 
 def main(argv: list[str] | None = None) -> None:
