@@ -164,13 +164,12 @@ class TaughtSource:
             raise RuntimeError(f"teacher {teacher} is not available: {missing}")
         self.source, self.teacher, self.cache = source, BASELINES[teacher](), cache
         self.first_seed, self.pool = first_seed, pool
-        self.task = source.task
         cache.mkdir(parents=True, exist_ok=True)
         if taught_from is not None:
             record = cache / "taught_from.json"
             if not record.exists():
                 record.write_text(json.dumps(taught_from, indent=1, sort_keys=True))
-            elif json.loads(record.read_text()) != json.loads(json.dumps(taught_from)):
+            elif json.loads(record.read_text()) != json.loads(json.dumps(taught_from)):  # as JSON holds it
                 raise ValueError(f"{cache} holds a teacher's outputs for other mixtures (its taught_from.json "
                                  "differs from this recipe's teacher, data or synth): use another run folder")
 
