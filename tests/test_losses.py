@@ -77,3 +77,17 @@ def test_recipe_loss_args_reach_the_loss_and_unknown_ones_are_refused():
         loss_with_args("echo_preserving", {"speech_weight": 4.0})
     with pytest.raises(ValueError, match="unknown loss"):
         loss_with_args("l1")
+
+
+def test_the_taught_and_clean_loss_weighs_the_teacher_against_the_truth():
+    rng = torch.Generator().manual_seed(0)
+    clean = torch.randn(2, 4000, generator=rng)
+    teacher = clean + 0.3 * torch.randn(2, 4000, generator=rng)
+    like_teacher, like_clean = teacher.clone(), clean.clone()
+    only_teacher = loss_with_args("taught_and_clean", {"teacher_weight": 1.0})
+    only_clean = loss_with_args("taught_and_clean", {"teacher_weight": 0.0})
+    half = loss_with_args("taught_and_clean")
+    assert only_teacher((like_teacher,), (teacher, clean)) < only_teacher((like_clean,), (teacher, clean))
+    assert only_clean((like_clean,), (teacher, clean)) < only_clean((like_teacher,), (teacher, clean))
+    expected = (only_teacher((like_teacher,), (teacher, clean)) + only_clean((like_teacher,), (teacher, clean))) / 2
+    torch.testing.assert_close(half((like_teacher,), (teacher, clean)), expected)

@@ -122,11 +122,19 @@ def echo_preserving_loss(outputs, targets, speech_loss_weight: float = 2.0) -> t
     return echo_loss(outputs, targets) + speech_loss_weight * compressed_excess(targets[0], outputs[0])
 
 
+def taught_and_clean(outputs, targets, teacher_weight: float = 0.5, spectral_weight: float = 100.0) -> torch.Tensor:
+    """Distillation with the truth kept in view: `snr_and_spectral` against the teacher's output (targets[0],
+    from `train.teacher`) weighted `teacher_weight`, and against the clean signal (targets[1]) for the rest."""
+    taught = snr_and_spectral(outputs[0], targets[0], spectral_weight)
+    clean = snr_and_spectral(outputs[0], targets[1], spectral_weight)
+    return teacher_weight * taught + (1 - teacher_weight) * clean
+
+
 # losses of (outputs, targets), tuples of [batch, samples] tensors
 LOSSES = {"neg_snr": _first(negative_snr), "neg_si_sdr": _first(negative_si_sdr),
           "snr_spectral": _first(snr_and_spectral),
           "snr_spectral_residual": _first(snr_spectral_residual), "snr_spectral_low": _first(snr_spectral_low),
-          "echo": echo_loss,
+          "taught_and_clean": taught_and_clean, "echo": echo_loss,
           "echo_preserving": echo_preserving_loss}
 
 
