@@ -132,10 +132,11 @@ def train(recipe, out, max_minutes, init) -> None:
     """Train (or resume) the model of a recipe."""
     import logging
 
+    from quell.models.train import run_folder
     from quell.models.train import train as run_training
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    best = run_training(recipe, out or Path("runs") / Path(recipe).parent.name, max_minutes, init)
+    best = run_training(recipe, run_folder(recipe, out), max_minutes, init)
     click.echo(f"best checkpoint: {best}")
 
 
@@ -146,6 +147,7 @@ def train(recipe, out, max_minutes, init) -> None:
               "the K-th; run N of them, one per core.")
 def teach(recipe, out, shard) -> None:
     """Fill a distillation recipe's teacher cache (its `teacher_pool` outputs) ahead of `quell train`."""
+    from quell.models.train import run_folder
     from quell.models.train import teach as run_teacher
 
     try:
@@ -155,7 +157,7 @@ def teach(recipe, out, shard) -> None:
     except ValueError:
         raise click.BadParameter(f"expected K/N with 1 <= K <= N, got {shard!r}", param_hint="--shard") from None
     try:
-        done = run_teacher(recipe, out or Path("runs") / Path(recipe).parent.name, k - 1, n)
+        done = run_teacher(recipe, run_folder(recipe, out), k - 1, n)
     except (ValueError, RuntimeError) as error:
         raise click.ClickException(str(error)) from None
     click.echo(f"taught {done} mixtures")

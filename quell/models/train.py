@@ -71,6 +71,17 @@ class TrainConfig:
     teacher_pool: int = 0  # with a teacher: items cycle over this many mixtures (0: never repeat)
 
 
+def load_recipe(path: str | Path) -> tuple[dict[str, Any], TrainConfig]:
+    """A recipe (YAML) and its `train:` section as a TrainConfig."""
+    recipe = yaml.safe_load(Path(path).read_text())
+    return recipe, _dataclass_from(TrainConfig, recipe.get("train"))
+
+
+def run_folder(recipe_path: str | Path, out: str | Path | None = None) -> Path:
+    """`out`, or by default runs/<the recipe's folder name>."""
+    return Path(out) if out else Path("runs") / Path(recipe_path).parent.name
+
+
 def build_model(recipe: dict[str, Any]) -> nn.Module:
     """The model a recipe names, with its `model_args`."""
     model_class, config_class = MODELS[recipe["model"]]
@@ -177,10 +188,14 @@ class TaughtSource:
         """The mixture an item's seed stands for (the pool cycles)."""
         return self.first_seed + (seed - self.first_seed) % self.pool if self.pool else seed
 
+    def cached(self, seed: int) -> Path:
+        """Where the teacher's output for the mixture of `seed` is (or will be) kept."""
+        return self.cache / f"{seed}.npy"
+
     def example(self, seed: int) -> Example:
         seed = self.seed_of(seed)
         (noisy,), (clean,) = self.source.example(seed)
-        path = self.cache / f"{seed}.npy"
+        path = self.cached(seed)
         if path.exists():
             taught = np.load(path)
         else:
@@ -195,15 +210,12 @@ class TaughtSource:
 def teach(recipe_path: str | Path, out_dir: str | Path, shard: int = 0, shards: int = 1) -> int:
     """Fill a distillation run's teacher cache ahead of training: the pool's mixtures `shard`, `shard + shards`,
     ...; start one process per core. Returns how many outputs this shard computed (cached ones are skipped)."""
-    recipe_path = Path(recipe_path)
-    recipe = yaml.safe_load(recipe_path.read_text())
-    cfg = _dataclass_from(TrainConfig, recipe.get("train"))
+    recipe, cfg = load_recipe(recipe_path)
     if not cfg.teacher or not cfg.teacher_pool:
         raise ValueError("the recipe names no teacher and teacher_pool to fill")
     torch.set_num_threads(1)
-    source = _taught_source(recipe, recipe_path.parent, cfg, Path(out_dir))
-    todo = [s for s in range(cfg.seed + shard, cfg.seed + cfg.teacher_pool, shards)
-            if not (source.cache / f"{s}.npy").exists()]
+    source = _taught_source(recipe, Path(recipe_path).parent, cfg, Path(out_dir))
+    todo = [s for s in range(cfg.seed + shard, cfg.seed + cfg.teacher_pool, shards) if not source.cached(s).exists()]
     for seed in _progress(total=len(todo), desc=f"teaching {shard + 1}/{shards}", enabled=True, items=todo):
         source.example(seed)
     return len(todo)
@@ -340,12 +352,10 @@ def train(recipe_path: str | Path, out_dir: str | Path, max_minutes: float | Non
     `init`: a checkpoint whose model weights a new run starts from (fine-tuning: optimizer, schedule and step
     count start afresh). A run that resumes from its own last checkpoint ignores it.
     """
-    recipe_path = Path(recipe_path)
-    recipe = yaml.safe_load(recipe_path.read_text())
-    base = recipe_path.parent
+    recipe, cfg = load_recipe(recipe_path)
+    base = Path(recipe_path).parent
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    cfg = _dataclass_from(TrainConfig, recipe.get("train"))
 
     distributed = "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1
     rank, world = 0, 1
@@ -489,7 +499,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--init", default=None, help="start a new run from this checkpoint's weights")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    train(args.recipe, args.out or Path("runs") / Path(args.recipe).parent.name, args.max_minutes, args.init)
+    train(args.recipe, run_folder(args.recipe, args.out), args.max_minutes, args.init)
 
 
 if __name__ == "__main__":
