@@ -7,19 +7,20 @@ import pytest
 import torch
 
 from quell.models.d3net_aec import D3NetAEC, D3NetAECConfig
+from quell.models.dtln import DTLN, DTLNConfig
 from quell.models.losses import LOSSES
-from quell.models.widen import widen_state_dict
+from quell.models.widen import WIDENS, widen_dtln_state_dict, widen_state_dict
 
 NARROW = dict(channels=4, growth=2, layers=2, blocks=2, downsample=1, filter_partitions=3, filter_variable_step=True)
 
 
-def _trained_like(config: D3NetAECConfig) -> D3NetAEC:
+def _trained_like(config: D3NetAECConfig | DTLNConfig) -> D3NetAEC | DTLN:
     """A model whose weights are all non-zero, biases included (fresh biases are zero and would hide mistakes)."""
     torch.manual_seed(3)
-    model = D3NetAEC(config)
+    model = D3NetAEC(config) if isinstance(config, D3NetAECConfig) else DTLN(config)
     with torch.no_grad():
         for name, parameter in model.named_parameters():
-            if name.endswith("bias"):
+            if "bias" in name:
                 parameter.normal_(0.0, 0.1)
     return model.eval()
 
@@ -54,13 +55,6 @@ def test_widened_model_computes_what_the_narrow_one_did_and_can_learn():
     assert new_into_old.abs().max() > 0
 
 
-@pytest.mark.parametrize("change", [{"channels": 3}, {"layers": 3}, {"downsample": 0}])
-def test_widening_refuses_what_it_cannot_keep(change):
-    narrow = _trained_like(D3NetAECConfig(**NARROW))
-    with pytest.raises(ValueError):
-        widen_state_dict(narrow.state_dict(), narrow.config, D3NetAECConfig(**{**NARROW, **change}))
-
-
 def test_widen_command_writes_a_checkpoint_that_training_starts_from(tmp_path):
     narrow = _trained_like(D3NetAECConfig(**NARROW))
     source = tmp_path / "narrow.pt"
@@ -78,3 +72,58 @@ def test_widen_command_writes_a_checkpoint_that_training_starts_from(tmp_path):
     wide.load_state_dict(checkpoint["model"])
     again = subprocess.run(command, capture_output=True, text=True)  # never overwrites
     assert again.returncode != 0 and "exists" in again.stderr
+
+
+DTLN_NARROW = dict(window=64, hop=16, hidden=8, layers=2, encoder=16)
+
+
+def test_widened_dtln_computes_what_the_narrow_one_did_and_can_learn():
+    narrow = _trained_like(DTLNConfig(**DTLN_NARROW))
+    wide_config = DTLNConfig(**{**DTLN_NARROW, "hidden": 13})
+    wide = DTLN(wide_config)
+    wide.load_state_dict(widen_dtln_state_dict(narrow.state_dict(), narrow.config, wide_config))
+    wide.eval()
+    torch.manual_seed(6)
+    noisy = torch.randn(2, 1600) * 0.1
+    with torch.no_grad():
+        expected, got = narrow(noisy), wide(noisy)
+    assert expected.abs().max() > 1e-3
+    torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-5)
+    # the new units run (their states are not zero) but are unheard until training gives them a say
+    with torch.no_grad():
+        _, states = wide.lstm2(wide.encoder_norm(wide.encoder(noisy.reshape(2, -1, 64))))
+    assert states[-1][..., DTLN_NARROW["hidden"]:].abs().max() > 0
+    wide.train()
+    loss = LOSSES["neg_snr"](wide(noisy), noisy)
+    loss.backward()
+    for mask in (wide.mask1, wide.mask2):
+        assert mask.weight[:, DTLN_NARROW["hidden"]:].abs().max() == 0
+        assert mask.weight.grad[:, DTLN_NARROW["hidden"]:].abs().max() > 0
+
+
+@pytest.mark.parametrize("model, change", [
+    ("d3net_aec", {"channels": 3}), ("d3net_aec", {"layers": 3}), ("d3net_aec", {"downsample": 0}),
+    ("dtln", {"hidden": 6}), ("dtln", {"layers": 3}), ("dtln", {"encoder": 32})])
+def test_widening_refuses_what_it_cannot_keep(model, change):
+    config_class, _, widen = WIDENS[model]
+    sizes = NARROW if model == "d3net_aec" else DTLN_NARROW
+    narrow = _trained_like(config_class(**sizes))
+    with pytest.raises(ValueError):
+        widen(narrow.state_dict(), narrow.config, config_class(**{**sizes, **change}))
+
+
+def test_widen_command_widens_a_dtln_and_names_the_sizes_it_takes(tmp_path):
+    narrow = _trained_like(DTLNConfig(**DTLN_NARROW))
+    source = tmp_path / "narrow.pt"
+    torch.save({"model": narrow.state_dict(), "recipe": {"model": "dtln", "model_args": DTLN_NARROW},
+                "state": {"step": 7, "epoch": 1, "best": 0.0}}, source)
+    destination = tmp_path / "wide.pt"
+    wrong = subprocess.run([sys.executable, "-m", "quell.models.widen", str(source), "-o", str(destination),
+                            "--channels", "8"], capture_output=True, text=True)
+    assert wrong.returncode != 0 and "--hidden" in wrong.stderr.splitlines()[-1] and not destination.exists()
+    subprocess.run([sys.executable, "-m", "quell.models.widen", str(source), "-o", str(destination),
+                    "--hidden", "12"], check=True, capture_output=True)
+    checkpoint = torch.load(destination, weights_only=False)
+    assert checkpoint["recipe"]["model_args"]["hidden"] == 12
+    assert checkpoint["state"]["widened_from"] == {"checkpoint": str(source), "hidden": 8}
+    DTLN(DTLNConfig(**checkpoint["recipe"]["model_args"])).load_state_dict(checkpoint["model"])

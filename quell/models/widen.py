@@ -1,12 +1,15 @@
-"""Widen a trained echo canceller without changing what it computes (Net2Net-style, Chen et al. 2016).
+"""Widen a trained model without changing what it computes (Net2Net-style, Chen et al. 2016).
 
-A wider `D3NetAEC` (more complex channels in the trunk, a larger growth in the D3 blocks) starts from a trained
-narrow one: every convolution keeps the trained weights between the old channels, the new channels get fresh
-random weights from every input, and the weights from new channels into old ones start at zero. The new
-channels are therefore computed but unheard: the widened model gives the narrow one's output exactly, and
-training then finds what the extra capacity is good for (the zero weights get gradients from the first step).
+A wider model starts from a trained narrow one: every layer keeps the trained weights between the old units,
+the new units get fresh random weights from every input, and the weights from new units into old ones start at
+zero. The new units are therefore computed but unheard: the widened model gives the narrow one's output
+exactly, and training then finds what the extra capacity is good for (the zero weights get gradients from the
+first step). Two models widen:
+- `D3NetAEC`: more complex channels in the trunk (`--channels`), a larger growth in the D3 blocks (`--growth`);
+- `DTLN`: more LSTM units in both stages (`--hidden`); each gate of each LSTM gets the new units.
 
     python -m quell.models.widen runs/aec_stage3/best.pt -o runs/aec_wide/init.pt --channels 24 --growth 12
+    python -m quell.models.widen runs/dtln.pt -o runs/dtln_wide/init.pt --hidden 256
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from pathlib import Path
 import torch
 
 from quell.models.d3net_aec import D3NetAEC, D3NetAECConfig
+from quell.models.dtln import DTLN, DTLNConfig
 
 
 def _place(new: dict[str, torch.Tensor], old: dict[str, torch.Tensor], prefix: str,
@@ -68,33 +72,87 @@ def widen_state_dict(old: dict[str, torch.Tensor], old_config: D3NetAECConfig, n
     return new
 
 
-def widen_checkpoint(source: Path, destination: Path, channels: int, growth: int, seed: int = 0) -> None:
-    """A training checkpoint of a wider model from `source` (its recipe's sizes changed), as `--init` takes it."""
+def widen_dtln_state_dict(old: dict[str, torch.Tensor], old_config: DTLNConfig, new_config: DTLNConfig,
+                          seed: int = 0) -> dict[str, torch.Tensor]:
+    """The weights of a `new_config` DTLN (more LSTM units) that computes what `old` computes."""
+    changed = [name for name in DTLNConfig.__dataclass_fields__
+               if name not in ("hidden", "dropout") and getattr(old_config, name) != getattr(new_config, name)]
+    if changed:
+        raise ValueError(f"widening a DTLN changes only hidden, not {', '.join(changed)}")
+    if new_config.hidden < old_config.hidden:
+        raise ValueError("the new model must be at least as wide as the old one")
+    torch.manual_seed(seed)
+    new = {k: v.clone() for k, v in DTLN(new_config).state_dict().items()}
+    narrow, wide = old_config.hidden, new_config.hidden
+    # the old units of each of the four gates (PyTorch's order i, f, g, o), at their places in the wide layout
+    gates = torch.cat([torch.arange(narrow) + gate * wide for gate in range(4)])
+    units = torch.arange(narrow)
+    for stack, first_inputs in (("lstm1", old_config.bins), ("lstm2", old_config.encoder)):
+        for layer in range(old_config.layers):
+            prefix = f"{stack}.layers.{layer}"
+            inputs = torch.arange(first_inputs) if layer == 0 else units
+            for weight, columns in ((f"{prefix}.weight_ih_l0", inputs), (f"{prefix}.weight_hh_l0", units)):
+                new[weight][gates] = 0.0
+                new[weight][gates[:, None], columns[None, :]] = old[weight]
+            for bias in (f"{prefix}.bias_ih_l0", f"{prefix}.bias_hh_l0"):
+                new[bias][gates] = old[bias]
+    for mask in ("mask1", "mask2"):
+        new[f"{mask}.weight"].zero_()
+        new[f"{mask}.weight"][:, units] = old[f"{mask}.weight"]
+    for key, value in old.items():  # everything without LSTM units: norms, encoder, decoder, mask biases
+        if not key.startswith(("lstm1.", "lstm2.", "mask1.weight", "mask2.weight")):
+            new[key] = value.clone()
+    return new
+
+
+# per model of a recipe: its config class, the sizes that widen, and the function that widens its weights
+WIDENS = {
+    "d3net_aec": (D3NetAECConfig, ("channels", "growth"), widen_state_dict),
+    "dtln": (DTLNConfig, ("hidden",), widen_dtln_state_dict),
+}
+
+
+def widen_checkpoint(source: Path, destination: Path, sizes: dict[str, int], seed: int = 0) -> None:
+    """A training checkpoint of a wider model from `source` (its recipe's sizes changed), as `--init` takes it.
+
+    `sizes` holds the model's widening sizes (`WIDENS`): channels and growth for a D3NetAEC, hidden for a DTLN.
+    """
     checkpoint = torch.load(source, map_location="cpu", weights_only=False)
     recipe = copy.deepcopy(checkpoint["recipe"])
-    old_config = D3NetAECConfig(**recipe["model_args"])
-    recipe["model_args"].update(channels=channels, growth=growth)
-    new_config = D3NetAECConfig(**recipe["model_args"])
-    model = widen_state_dict(checkpoint["model"], old_config, new_config, seed)
+    if recipe["model"] not in WIDENS:
+        raise ValueError(f"widening knows {', '.join(WIDENS)}, not {recipe['model']!r}")
+    config_class, names, widen = WIDENS[recipe["model"]]
+    if sorted(sizes) != sorted(names):
+        raise ValueError(f"a {recipe['model']} widens by {', '.join('--' + n for n in names)}, "
+                         f"given {', '.join('--' + n for n in sizes) or 'none'}")
+    old_config = config_class(**recipe["model_args"])
+    recipe["model_args"].update(sizes)
+    new_config = config_class(**recipe["model_args"])
+    model = widen(checkpoint["model"], old_config, new_config, seed)
     state = {"step": checkpoint["state"]["step"], "epoch": 0, "best": None,
              "init": checkpoint["state"].get("init"),
-             "widened_from": {"checkpoint": str(source), "channels": old_config.channels, "growth": old_config.growth}}
+             "widened_from": {"checkpoint": str(source), **{n: getattr(old_config, n) for n in names}}}
     destination.parent.mkdir(parents=True, exist_ok=True)
     torch.save({"model": model, "recipe": recipe, "state": state}, destination)
 
 
 def main() -> None:
-    """Command line: widen a D3NetAEC checkpoint."""
+    """Command line: widen a D3NetAEC or DTLN checkpoint."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("checkpoint", type=Path)
     parser.add_argument("-o", "--out", type=Path, required=True)
-    parser.add_argument("--channels", type=int, required=True)
-    parser.add_argument("--growth", type=int, required=True)
+    parser.add_argument("--channels", type=int, help="D3NetAEC: complex channels of the trunk")
+    parser.add_argument("--growth", type=int, help="D3NetAEC: growth of the D3 blocks")
+    parser.add_argument("--hidden", type=int, help="DTLN: units of every LSTM")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     if args.out.exists():
         parser.error(f"{args.out} exists")
-    widen_checkpoint(args.checkpoint, args.out, args.channels, args.growth, args.seed)
+    sizes = {name: getattr(args, name) for name in ("channels", "growth", "hidden") if getattr(args, name) is not None}
+    try:
+        widen_checkpoint(args.checkpoint, args.out, sizes, args.seed)
+    except ValueError as error:
+        parser.error(str(error))
     print(f"wrote {args.out}")
 
 
