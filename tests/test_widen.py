@@ -77,35 +77,36 @@ def test_widen_command_writes_a_checkpoint_that_training_starts_from(tmp_path):
 DTLN_NARROW = dict(window=64, hop=16, hidden=8, layers=2, encoder=16)
 
 
-def test_widened_dtln_computes_what_the_narrow_one_did_and_can_learn():
+def test_widened_dtln_computes_what_the_narrow_one_did_and_its_copies_part_ways():
     narrow = _trained_like(DTLNConfig(**DTLN_NARROW))
-    wide_config = DTLNConfig(**{**DTLN_NARROW, "hidden": 13})
-    wide = DTLN(wide_config)
-    wide.load_state_dict(widen_dtln_state_dict(narrow.state_dict(), narrow.config, wide_config))
-    wide.eval()
+    wide_config = DTLNConfig(**{**DTLN_NARROW, "hidden": 13})  # 5 of the 8 units get a copy
     torch.manual_seed(6)
     noisy = torch.randn(2, 1600) * 0.1
     with torch.no_grad():
-        expected, got = narrow(noisy), wide(noisy)
+        expected = narrow(noisy)
     assert expected.abs().max() > 1e-3
-    torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-5)
-    # the new units run (their states are not zero) but are unheard until training gives them a say
-    with torch.no_grad():
-        _, states = wide.lstm2(wide.encoder_norm(wide.encoder(noisy.reshape(2, -1, 64))))
-    assert states[-1][..., DTLN_NARROW["hidden"]:].abs().max() > 0
-    wide.train()
-    loss = LOSSES["neg_snr"](wide(noisy), noisy)
-    loss.backward()
-    for mask in (wide.mask1, wide.mask2):
-        assert mask.weight[:, DTLN_NARROW["hidden"]:].abs().max() == 0
-        assert mask.weight.grad[:, DTLN_NARROW["hidden"]:].abs().max() > 0
+    for noise, tolerance in ((0.0, 1e-5), (0.01, 0.05)):
+        wide = DTLN(wide_config)
+        wide.load_state_dict(widen_dtln_state_dict(narrow.state_dict(), narrow.config, wide_config, noise=noise))
+        wide.eval()
+        with torch.no_grad():
+            got = wide(noisy)
+            _, states = wide.lstm1(torch.randn(1, 20, wide_config.bins))
+        error = (got - expected).pow(2).mean().sqrt() / expected.pow(2).mean().sqrt()
+        assert error <= tolerance
+        h = states[-1][0, 0]  # unit 8 is a copy of unit 0: the same output, or nearly, but not with noise
+        assert (h[8] == h[0]) == (noise == 0.0) and (h[8] - h[0]).abs() < 0.1
+    assert error > 1e-5  # the noise did move the output
+    assert torch.equal(wide.mask2.weight[:, 0], wide.mask2.weight[:, 8])  # a unit and its copy share its say
+    torch.testing.assert_close(2 * wide.mask2.weight[:, 0], narrow.mask2.weight[:, 0])
+    torch.testing.assert_close(wide.mask2.weight[:, 7], narrow.mask2.weight[:, 7])  # no copy: its own weight
 
 
 @pytest.mark.parametrize("model, change", [
     ("d3net_aec", {"channels": 3}), ("d3net_aec", {"layers": 3}), ("d3net_aec", {"downsample": 0}),
     ("dtln", {"hidden": 6}), ("dtln", {"layers": 3}), ("dtln", {"encoder": 32})])
 def test_widening_refuses_what_it_cannot_keep(model, change):
-    config_class, _, widen = WIDENS[model]
+    config_class, _, widen, _ = WIDENS[model]
     sizes = NARROW if model == "d3net_aec" else DTLN_NARROW
     narrow = _trained_like(config_class(**sizes))
     with pytest.raises(ValueError):
@@ -126,4 +127,8 @@ def test_widen_command_widens_a_dtln_and_names_the_sizes_it_takes(tmp_path):
     checkpoint = torch.load(destination, weights_only=False)
     assert checkpoint["recipe"]["model_args"]["hidden"] == 12
     assert checkpoint["state"]["widened_from"] == {"checkpoint": str(source), "hidden": 8}
+    noisy = subprocess.run([sys.executable, "-m", "quell.models.widen", str(source), "-o", str(tmp_path / "b.pt"),
+                            "--hidden", "12", "--noise", "0"], capture_output=True, text=True)
+    assert noisy.returncode == 0
+    assert torch.load(tmp_path / "b.pt", weights_only=False)["state"]["widened_from"]["noise"] == 0.0
     DTLN(DTLNConfig(**checkpoint["recipe"]["model_args"])).load_state_dict(checkpoint["model"])

@@ -1,12 +1,15 @@
-"""Widen a trained model without changing what it computes (Net2Net-style, Chen et al. 2016).
+"""Widen a trained model without changing what it computes (Net2Net, Chen et al. 2016).
 
-A wider model starts from a trained narrow one: every layer keeps the trained weights between the old units,
-the new units get fresh random weights from every input, and the weights from new units into old ones start at
-zero. The new units are therefore computed but unheard: the widened model gives the narrow one's output
-exactly, and training then finds what the extra capacity is good for (the zero weights get gradients from the
-first step). Two models widen:
-- `D3NetAEC`: more complex channels in the trunk (`--channels`), a larger growth in the D3 blocks (`--growth`);
-- `DTLN`: more LSTM units in both stages (`--hidden`); each gate of each LSTM gets the new units.
+- `D3NetAEC`: more complex channels in the trunk (`--channels`), a larger growth in the D3 blocks (`--growth`).
+  Every convolution keeps the trained weights between the old channels, the new channels get fresh random
+  weights from every input, and the weights from new channels into old ones start at zero: the new channels are
+  computed but unheard, and training finds what they are good for (the zero weights get gradients at once).
+- `DTLN`: more LSTM units in both stages (`--hidden`), by Net2WiderNet's split: each new unit is a copy of an
+  old one, heard at a share of the old unit's weight, with a little noise (`--noise`) against symmetry. New
+  units that start unheard (the first way) learn too slowly at a fine-tuning learning rate: their outgoing
+  weights were ~30x smaller than the old units' after 600 steps at 1.25e-4 (recipes/dtln/README.md).
+
+Either way the widened model gives the narrow one's output (DTLN: to within the noise).
 
     python -m quell.models.widen runs/aec_stage3/best.pt -o runs/aec_wide/init.pt --channels 24 --growth 12
     python -m quell.models.widen runs/dtln.pt -o runs/dtln_wide/init.pt --hidden 256
@@ -21,7 +24,7 @@ from pathlib import Path
 import torch
 
 from quell.models.d3net_aec import D3NetAEC, D3NetAECConfig
-from quell.models.dtln import DTLN, DTLNConfig
+from quell.models.dtln import DTLNConfig
 
 
 def _place(new: dict[str, torch.Tensor], old: dict[str, torch.Tensor], prefix: str,
@@ -73,65 +76,82 @@ def widen_state_dict(old: dict[str, torch.Tensor], old_config: D3NetAECConfig, n
 
 
 def widen_dtln_state_dict(old: dict[str, torch.Tensor], old_config: DTLNConfig, new_config: DTLNConfig,
-                          seed: int = 0) -> dict[str, torch.Tensor]:
-    """The weights of a `new_config` DTLN (more LSTM units) that computes what `old` computes."""
+                          seed: int = 0, noise: float = 0.01) -> dict[str, torch.Tensor]:
+    """The weights of a `new_config` DTLN (more LSTM units) that computes what `old` computes.
+
+    Net2WiderNet's split: each new unit of an LSTM is a copy of an old one (the same weights in every gate),
+    and whatever hears the old unit hears each copy at an equal share of its weight, so a unit and its copies
+    together say what the unit said alone. `noise` (relative to each weight row's RMS) is added to the copies'
+    weights to break their symmetry with the originals: the output moves by about that much (0: not at all).
+    """
     changed = [name for name in DTLNConfig.__dataclass_fields__
                if name not in ("hidden", "dropout") and getattr(old_config, name) != getattr(new_config, name)]
     if changed:
         raise ValueError(f"widening a DTLN changes only hidden, not {', '.join(changed)}")
     if new_config.hidden < old_config.hidden:
         raise ValueError("the new model must be at least as wide as the old one")
-    torch.manual_seed(seed)
-    new = {k: v.clone() for k, v in DTLN(new_config).state_dict().items()}
+    generator = torch.Generator().manual_seed(seed)
     narrow, wide = old_config.hidden, new_config.hidden
-    # the old units of each of the four gates (PyTorch's order i, f, g, o), at their places in the wide layout
-    gates = torch.cat([torch.arange(narrow) + gate * wide for gate in range(4)])
-    units = torch.arange(narrow)
-    for stack, first_inputs in (("lstm1", old_config.bins), ("lstm2", old_config.encoder)):
+    source = torch.arange(wide) % narrow  # the old unit each new unit copies (the first `narrow` are themselves)
+    share = 1.0 / torch.bincount(source)[source]  # each copy's share of what its unit said
+    # the rows of the four gates (PyTorch's order i, f, g, o) of every new unit, as rows of the old weights
+    rows = torch.cat([source + gate * narrow for gate in range(4)])
+    copies = torch.cat([torch.arange(narrow, wide) + gate * wide for gate in range(4)])
+
+    def copied(weight: torch.Tensor, hears_units: bool) -> torch.Tensor:
+        new = weight[rows][:, source] * share if hears_units else weight[rows].clone()
+        if noise and new.dim() == 2:
+            scale = new[copies].pow(2).mean(1, keepdim=True).sqrt()
+            new[copies] += noise * scale * torch.randn(new[copies].shape, generator=generator)
+        return new
+
+    new = {key: value.clone() for key, value in old.items()}
+    for stack in ("lstm1", "lstm2"):
         for layer in range(old_config.layers):
             prefix = f"{stack}.layers.{layer}"
-            inputs = torch.arange(first_inputs) if layer == 0 else units
-            for weight, columns in ((f"{prefix}.weight_ih_l0", inputs), (f"{prefix}.weight_hh_l0", units)):
-                new[weight][gates] = 0.0
-                new[weight][gates[:, None], columns[None, :]] = old[weight]
+            new[f"{prefix}.weight_ih_l0"] = copied(old[f"{prefix}.weight_ih_l0"], hears_units=layer > 0)
+            new[f"{prefix}.weight_hh_l0"] = copied(old[f"{prefix}.weight_hh_l0"], hears_units=True)
             for bias in (f"{prefix}.bias_ih_l0", f"{prefix}.bias_hh_l0"):
-                new[bias][gates] = old[bias]
+                new[bias] = copied(old[bias], hears_units=False)
     for mask in ("mask1", "mask2"):
-        new[f"{mask}.weight"].zero_()
-        new[f"{mask}.weight"][:, units] = old[f"{mask}.weight"]
-    for key, value in old.items():  # everything without LSTM units: norms, encoder, decoder, mask biases
-        if not key.startswith(("lstm1.", "lstm2.", "mask1.weight", "mask2.weight")):
-            new[key] = value.clone()
+        new[f"{mask}.weight"] = old[f"{mask}.weight"][:, source] * share
     return new
 
 
-# per model of a recipe: its config class, the sizes that widen, and the function that widens its weights
+# per model of a recipe: its config class, the sizes that widen, the function that widens its weights, and
+# that function's options
 WIDENS = {
-    "d3net_aec": (D3NetAECConfig, ("channels", "growth"), widen_state_dict),
-    "dtln": (DTLNConfig, ("hidden",), widen_dtln_state_dict),
+    "d3net_aec": (D3NetAECConfig, ("channels", "growth"), widen_state_dict, ()),
+    "dtln": (DTLNConfig, ("hidden",), widen_dtln_state_dict, ("noise",)),
 }
 
 
-def widen_checkpoint(source: Path, destination: Path, sizes: dict[str, int], seed: int = 0) -> None:
+def widen_checkpoint(source: Path, destination: Path, sizes: dict[str, int], seed: int = 0,
+                     options: dict[str, float] | None = None) -> None:
     """A training checkpoint of a wider model from `source` (its recipe's sizes changed), as `--init` takes it.
 
-    `sizes` holds the model's widening sizes (`WIDENS`): channels and growth for a D3NetAEC, hidden for a DTLN.
+    `sizes` holds the model's widening sizes (`WIDENS`): channels and growth for a D3NetAEC, hidden for a DTLN;
+    `options` what else its widening takes (a DTLN's noise).
     """
+    options = options or {}
     checkpoint = torch.load(source, map_location="cpu", weights_only=False)
     recipe = copy.deepcopy(checkpoint["recipe"])
     if recipe["model"] not in WIDENS:
         raise ValueError(f"widening knows {', '.join(WIDENS)}, not {recipe['model']!r}")
-    config_class, names, widen = WIDENS[recipe["model"]]
+    config_class, names, widen, option_names = WIDENS[recipe["model"]]
     if sorted(sizes) != sorted(names):
         raise ValueError(f"a {recipe['model']} widens by {', '.join('--' + n for n in names)}, "
                          f"given {', '.join('--' + n for n in sizes) or 'none'}")
+    if set(options) - set(option_names):
+        unknown = ", ".join("--" + name for name in sorted(set(options) - set(option_names)))
+        raise ValueError(f"a {recipe['model']}'s widening takes no {unknown}")
     old_config = config_class(**recipe["model_args"])
     recipe["model_args"].update(sizes)
     new_config = config_class(**recipe["model_args"])
-    model = widen(checkpoint["model"], old_config, new_config, seed)
+    model = widen(checkpoint["model"], old_config, new_config, seed, **options)
     state = {"step": checkpoint["state"]["step"], "epoch": 0, "best": None,
              "init": checkpoint["state"].get("init"),
-             "widened_from": {"checkpoint": str(source), **{n: getattr(old_config, n) for n in names}}}
+             "widened_from": {"checkpoint": str(source), **{n: getattr(old_config, n) for n in names}, **options}}
     destination.parent.mkdir(parents=True, exist_ok=True)
     torch.save({"model": model, "recipe": recipe, "state": state}, destination)
 
@@ -144,13 +164,16 @@ def main() -> None:
     parser.add_argument("--channels", type=int, help="D3NetAEC: complex channels of the trunk")
     parser.add_argument("--growth", type=int, help="D3NetAEC: growth of the D3 blocks")
     parser.add_argument("--hidden", type=int, help="DTLN: units of every LSTM")
+    parser.add_argument("--noise", type=float, help="DTLN: noise on the copied units' weights, relative "
+                        "(default 0.01)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     if args.out.exists():
         parser.error(f"{args.out} exists")
     sizes = {name: getattr(args, name) for name in ("channels", "growth", "hidden") if getattr(args, name) is not None}
     try:
-        widen_checkpoint(args.checkpoint, args.out, sizes, args.seed)
+        options = {} if args.noise is None else {"noise": args.noise}
+        widen_checkpoint(args.checkpoint, args.out, sizes, args.seed, options)
     except ValueError as error:
         parser.error(str(error))
     print(f"wrote {args.out}")
