@@ -99,7 +99,7 @@ def widen_dtln_state_dict(old: dict[str, torch.Tensor], old_config: DTLNConfig, 
     copies = torch.cat([torch.arange(narrow, wide) + gate * wide for gate in range(4)])
 
     def copied(weight: torch.Tensor, hears_units: bool) -> torch.Tensor:
-        new = weight[rows][:, source] * share if hears_units else weight[rows].clone()
+        new = weight[rows][:, source] * share if hears_units else weight[rows]  # indexing copies
         if noise and new.dim() == 2:
             scale = new[copies].pow(2).mean(1, keepdim=True).sqrt()
             new[copies] += noise * scale * torch.randn(new[copies].shape, generator=generator)
