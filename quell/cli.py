@@ -241,8 +241,8 @@ def synth(output, clips, speech, noise, music, rir, dns_root, seed, snr, level, 
 @click.option("--enhanced", default=None, help="Folder of enhanced outputs to score, same names.")
 @click.option("-m", "--model", default=None, help="Or a model to run: shipped name or a .json card.")
 @click.option("--baselines", default=None,
-              help="Peers to run, comma-separated: noisy, rnnoise, webrtc, speex, deepfilternet; with --far-end: "
-                   "mic, webrtc, speex ('' for none) [noisy; with --far-end: mic].")
+              help="Peers to run, comma-separated: noisy, rnnoise, webrtc, speex, deepfilternet, dtln_release; with "
+                   "--far-end: mic, webrtc, speex ('' for none) [noisy; with --far-end: mic].")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Report folder.")
 @click.option("--limit", default=None, type=click.IntRange(1), help="Only the first N clips (by name).")
 @click.option("-j", "--jobs", default=1, show_default=True, type=click.IntRange(1, 256), help="Worker processes.")

