@@ -20,14 +20,14 @@ import numpy as np
 
 RATE = 16000
 _WINDOW_SECONDS = 9.01
-_P835 = {  # raw model output -> MOS, the non-personalised polynomials (highest power first)
+P835_POLYNOMIALS = {  # raw model output -> MOS, the non-personalised polynomials (highest power first)
     "sig": np.poly1d([-0.08397278, 1.22083953, 0.0052439]),
     "bak": np.poly1d([-0.13166888, 1.60915514, -0.39604546]),
     "ovrl": np.poly1d([-0.06766283, 1.11546468, 0.04602535]),
 }
 
 
-def _models_folder(kind: str = "dnsmos") -> Path:
+def models_folder(kind: str = "dnsmos") -> Path:
     spec = importlib.util.find_spec("speechmos")
     if spec is None or not spec.submodule_search_locations:
         raise RuntimeError("DNSMOS needs the 'speechmos' package (pip install 'quell[eval]')")
@@ -41,7 +41,7 @@ def _sessions():
     options = ort.SessionOptions()
     options.intra_op_num_threads = 1
     options.log_severity_level = 3
-    folder = _models_folder()
+    folder = models_folder()
     return (ort.InferenceSession(str(folder / "sig_bak_ovr.onnx"), options, providers=["CPUExecutionProvider"]),
             ort.InferenceSession(str(folder / "model_v8.onnx"), options, providers=["CPUExecutionProvider"]))
 
@@ -106,7 +106,7 @@ def dnsmos(audio: np.ndarray, sample_rate: int = RATE) -> dict[str, float]:
             continue
         raw = primary.run(None, {"input_1": segment[None]})[0][0]
         for name, value in zip(("sig", "bak", "ovrl"), raw, strict=True):
-            scores[name].append(float(_P835[name](value)))
+            scores[name].append(float(P835_POLYNOMIALS[name](value)))
         scores["p808"].append(float(p808.run(None, {"input_1": _log_mel(segment[:-160])[None]})[0][0][0]))
     return {name: float(np.mean(values)) for name, values in scores.items()}
 
@@ -121,7 +121,7 @@ def _aecmos_session():
     options = ort.SessionOptions()
     options.intra_op_num_threads = 1
     options.log_severity_level = 3
-    path = _models_folder("aecmos") / "Run_1663915512_Stage_0.onnx"  # the 16 kHz model with scenario marker
+    path = models_folder("aecmos") / "Run_1663915512_Stage_0.onnx"  # the 16 kHz model with scenario marker
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 

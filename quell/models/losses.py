@@ -100,6 +100,35 @@ def snr_spectral_low(estimate: torch.Tensor, target: torch.Tensor, spectral_weig
     return snr_and_spectral(estimate, target, spectral_weight) + low_weight * low
 
 
+def dnsmos_crops(estimate: torch.Tensor, items: int = 8, seconds: float = 2.0,
+                 sample_rate: int = 16000) -> torch.Tensor:
+    """Random crops of `seconds` from the first `items` clips of `estimate` (whole clips when shorter), at
+    offsets from torch's generator (seeded by the training run): what the DNSMOS term scores."""
+    estimate = estimate[:items]
+    samples = int(seconds * sample_rate)
+    if estimate.shape[-1] <= samples:
+        return estimate
+    starts = torch.randint(0, estimate.shape[-1] - samples + 1, (len(estimate),)).tolist()
+    return torch.stack([clip[s : s + samples] for clip, s in zip(estimate, starts, strict=True)])
+
+
+def snr_spectral_dnsmos(estimate: torch.Tensor, target: torch.Tensor, spectral_weight: float = 100.0,
+                        dnsmos_weight: float = 10.0, dnsmos_items: int = 8,
+                        dnsmos_seconds: float = 2.0) -> torch.Tensor:
+    """`snr_and_spectral` minus a weighted DNSMOS OVRL of the output, predicted by the P.835 network itself
+    (`quell.models.dnsmos`, bfloat16) on random crops of a few clips (`dnsmos_crops`).
+
+    A quality predictor as a loss, as MetricGAN uses PESQ. Beware: a network's rating is easy to please without
+    sounding better. Fine-tuning DTLN with it raised the predicted OVRL while PESQ, STOI and DNSMOS P.808 fell
+    (recipes/dtln/README.md); judge it on scores it does not see, never on OVRL.
+    """
+    from quell.models.dnsmos import dnsmos_ovrl
+
+    with torch.autocast(estimate.device.type, dtype=torch.bfloat16):
+        ovrl = dnsmos_ovrl(dnsmos_crops(estimate, dnsmos_items, dnsmos_seconds)).float().mean()
+    return snr_and_spectral(estimate, target, spectral_weight) - dnsmos_weight * ovrl
+
+
 def _first(loss):
     """A loss of (estimate, target) as a loss of (outputs, targets): the first of each."""
 
@@ -134,6 +163,7 @@ def taught_and_clean(outputs, targets, teacher_weight: float = 0.5, spectral_wei
 LOSSES = {"neg_snr": _first(negative_snr), "neg_si_sdr": _first(negative_si_sdr),
           "snr_spectral": _first(snr_and_spectral),
           "snr_spectral_residual": _first(snr_spectral_residual), "snr_spectral_low": _first(snr_spectral_low),
+          "snr_spectral_dnsmos": _first(snr_spectral_dnsmos),
           "taught_and_clean": taught_and_clean, "echo": echo_loss,
           "echo_preserving": echo_preserving_loss}
 

@@ -261,14 +261,14 @@ def _outputs(model: nn.Module, inputs) -> tuple[torch.Tensor, ...]:
 
 def validate(model: nn.Module, clips: list[Example], device: torch.device, dnsmos: bool = False,
              aecmos: bool = False) -> dict[str, float]:
-    """Mean SI-SDR, SI-SDR improvement and PESQ-WB of the model's first output on fixed clips; for clips whose
-    target is silent (far-end single talk), the ERLE instead. With `dnsmos`, DNSMOS SIG/BAK/OVRL of the output;
+    """Mean SI-SDR, SI-SDR improvement, PESQ-WB and STOI of the model's first output on fixed clips; for clips
+    whose target is silent (far-end single talk), the ERLE instead. With `dnsmos`, DNSMOS SIG/BAK/OVRL and P.808;
     with `aecmos` (echo models), AECMOS echo (far-end single talk, double talk) and degradation (near-end
     single talk, double talk) and "aecmos", the mean of the two."""
     model.eval()
-    scores: dict[str, list[float]] = {"si_sdr": [], "si_sdr_i": [], "pesq_wb": [], "erle": []}
+    scores: dict[str, list[float]] = {"si_sdr": [], "si_sdr_i": [], "pesq_wb": [], "stoi": [], "erle": []}
     if dnsmos:
-        scores.update(dnsmos_sig=[], dnsmos_bak=[], dnsmos_ovrl=[])
+        scores.update(dnsmos_sig=[], dnsmos_bak=[], dnsmos_ovrl=[], dnsmos_p808=[])
     if aecmos:
         scores.update(aecmos_echo=[], aecmos_deg=[])
     with torch.no_grad():
@@ -294,9 +294,10 @@ def validate(model: nn.Module, clips: list[Example], device: torch.device, dnsmo
         scores["si_sdr"].append(sdr)
         scores["si_sdr_i"].append(sdr - float(metrics.si_sdr(mic, clean)))
         scores["pesq_wb"].append(metrics.pesq(out, clean, 16000, "wb"))
+        scores["stoi"].append(metrics.stoi(out, clean, 16000))
         if dnsmos:
             ratings = mos.dnsmos(out)
-            for name in ("sig", "bak", "ovrl"):
+            for name in ("sig", "bak", "ovrl", "p808"):
                 scores[f"dnsmos_{name}"].append(ratings[name])
     model.train()
     means = {k: float(np.nanmean(v)) for k, v in scores.items() if v}
